@@ -1,0 +1,38 @@
+"""qera: low-precision weights plus a low-rank term that reconstructs the quantization error."""
+
+from __future__ import annotations
+
+import logging
+
+__version__ = "0.1.0"
+
+from .errors import QeraError  # noqa: E402
+from .formats import FORMATS, QuantizedWeight, WeightFormat, parse_format, quantize_weight  # noqa: E402
+from .linalg import SolverOptions, weighted_lowrank  # noqa: E402
+from .methods import METHODS, Reconstruction, get_method, quantize_and_reconstruct, reconstruct  # noqa: E402
+from .metrics import layer_output_error, weight_error  # noqa: E402
+from .statistics import ActivationStats, load_stats, save_stats  # noqa: E402
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "__version__",
+    "QeraError",
+    "FORMATS",
+    "METHODS",
+    "QuantizedWeight",
+    "WeightFormat",
+    "parse_format",
+    "quantize_weight",
+    "ActivationStats",
+    "save_stats",
+    "load_stats",
+    "SolverOptions",
+    "weighted_lowrank",
+    "Reconstruction",
+    "get_method",
+    "reconstruct",
+    "quantize_and_reconstruct",
+    "layer_output_error",
+    "weight_error",
+]

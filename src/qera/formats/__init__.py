@@ -1,0 +1,77 @@
+"""Weight formats: a registry of format families and the spec-string parser.
+
+A spec is ``<family><bits>[:key=value|:flag]...``, e.g. ``mxint4``, ``mxint3:block=16``,
+``int4:group=128:asym``, ``nf4``. Adding a format is one module with a registered
+:class:`~qera.formats.base.WeightFormat` subclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+from .._registry import Registry
+from ..errors import QeraError
+
+FORMATS: Registry[type] = Registry("weight format")
+
+from .base import QuantizedWeight, WeightFormat  # noqa: E402
+from . import mxint, integer, normalfloat  # noqa: E402,F401  (registration)
+from .packing import pack_bits, unpack_bits  # noqa: E402
+
+_SPEC = re.compile(r"^([a-z]+)(\d+)$")
+
+
+def parse_format(spec: "str | WeightFormat") -> WeightFormat:
+    """Turn a spec string (or an existing format object) into a :class:`WeightFormat`."""
+    if isinstance(spec, WeightFormat):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise QeraError(f"format must be a non-empty string such as 'mxint4', got {spec!r}")
+    head, *opts = spec.strip().lower().split(":")
+    m = _SPEC.match(head)
+    if not m:
+        raise QeraError(
+            f"cannot parse format {spec!r}: expected <family><bits> such as 'mxint4'; "
+            f"known families: {', '.join(FORMATS.names())}"
+        )
+    family, bits = m.group(1), int(m.group(2))
+    cls = FORMATS.get(family)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "bits"}
+    kwargs: dict[str, object] = {}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        key = key.strip()
+        if key == "sym" and "asym" in fields:
+            kwargs["asym"] = False
+            continue
+        if key not in fields:
+            raise QeraError(
+                f"format {spec!r}: unknown option {key!r} for {family}; allowed: {', '.join(fields) or 'none'}"
+            )
+        if fields[key].type in ("bool", bool):
+            kwargs[key] = value in ("", "1", "true", "yes")
+        else:
+            try:
+                kwargs[key] = int(value)
+            except ValueError:
+                raise QeraError(f"format {spec!r}: option {key} needs an integer, got {value!r}") from None
+    return cls(bits=bits, **kwargs)
+
+
+def quantize_weight(w: torch.Tensor, fmt: "str | WeightFormat", name: str | None = None) -> QuantizedWeight:
+    """Quantize ``w`` (any shape) to ``fmt``; ``.dequantize()`` gives ``W̃`` in ``w.dtype``."""
+    return parse_format(fmt).quantize(w, name)
+
+
+__all__ = [
+    "FORMATS",
+    "QuantizedWeight",
+    "WeightFormat",
+    "parse_format",
+    "quantize_weight",
+    "pack_bits",
+    "unpack_bits",
+]

@@ -1,0 +1,152 @@
+"""Common pieces of the weight formats: the format interface and the ``QuantizedWeight`` container.
+
+All formats quantize along the last dimension (``in_features`` for an ``nn.Linear`` weight of
+shape ``(out, in)``) in blocks/groups; the last dimension is zero-padded to a whole block.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import QeraError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def as_rows(w: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
+    """View ``w`` (any shape) as float32 blocks.
+
+    Returns ``(blocks, cols)`` where ``blocks`` has shape ``(rows, nblocks, block)`` with the last
+    dimension of ``w`` zero-padded to a multiple of ``block`` and ``cols`` the unpadded width.
+    """
+    cols = w.shape[-1] if w.dim() else 1
+    x = w.detach().reshape(-1, cols).to(torch.float32)
+    pad = (-cols) % block
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.view(x.shape[0], -1, block), cols
+
+
+def from_rows(blocks: torch.Tensor, shape: torch.Size, cols: int) -> torch.Tensor:
+    """Inverse of :func:`as_rows`: drop the padding and restore ``shape``."""
+    rows = blocks.shape[0]
+    return blocks.reshape(rows, -1)[:, :cols].reshape(shape)
+
+
+def check_weight(w: torch.Tensor, name: str | None = None) -> None:
+    """Raise a clear error for non-float or non-finite weights."""
+    where = f" in layer {name}" if name else ""
+    if not isinstance(w, torch.Tensor) or w.dtype not in FLOAT_DTYPES:
+        raise QeraError(f"weight{where} must be a floating-point tensor, got {getattr(w, 'dtype', type(w))}")
+    if w.numel() == 0:
+        raise QeraError(f"weight{where} is empty (shape {tuple(w.shape)})")
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise QeraError(f"weight{where} has {bad} NaN/Inf value(s); cannot quantize")
+
+
+@dataclass(frozen=True)
+class WeightFormat(ABC):
+    """A weight format: configuration plus the quantize/dequantize rules.
+
+    Subclasses are frozen dataclasses registered in :data:`qera.formats.FORMATS` under their
+    ``family`` name. ``str(fmt)`` gives a canonical spec that :func:`parse_format` reads back.
+    """
+
+    bits: int
+    family: ClassVar[str] = ""
+    min_bits: ClassVar[int] = 2
+    max_bits: ClassVar[int] = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not self.min_bits <= self.bits <= self.max_bits:
+            raise QeraError(
+                f"{self.family}: bits must be an integer in {self.min_bits}..{self.max_bits}, "
+                f"got {self.bits!r}"
+            )
+
+    # -- spec ---------------------------------------------------------------------------------
+    @abstractmethod
+    def options(self) -> dict[str, Any]:
+        """Non-default options as they appear in the spec string."""
+
+    def __str__(self) -> str:
+        opts = self.options()
+        parts = [f"{self.family}{self.bits}"]
+        for key, value in opts.items():
+            parts.append(key if value is True else f"{key}={value}")
+        return ":".join(parts)
+
+    # -- math ---------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def bits_per_weight(self) -> float:
+        """Storage bits per weight including scales, for a width that is a whole number of blocks."""
+
+    @abstractmethod
+    def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Quantize ``w`` (any shape, float) and return the stored tensors (packed codes, scales)."""
+
+    @abstractmethod
+    def decode(self, tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+        """Dequantize stored tensors back to a float32 tensor of ``shape``."""
+
+    def quantize(self, w: torch.Tensor, name: str | None = None) -> "QuantizedWeight":
+        check_weight(w, name)
+        return QuantizedWeight(fmt=self, shape=tuple(w.shape), dtype=w.dtype, tensors=self.encode(w))
+
+    def fake_quantize(self, w: torch.Tensor, name: str | None = None) -> torch.Tensor:
+        """``dq(q(w))`` in the dtype of ``w``."""
+        return self.quantize(w, name).dequantize()
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized tensor: its format, logical shape and dtype, and the stored (packed) tensors."""
+
+    fmt: WeightFormat
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Return ``W̃`` with the original shape, in ``dtype`` (default: the original dtype)."""
+        out = self.fmt.decode(self.tensors, torch.Size(self.shape))
+        return out.to(dtype or self.dtype)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Nominal storage bits per weight of the format (codes + scales)."""
+        return self.fmt.bits_per_weight
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes actually held by the stored tensors (including block padding)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        return QuantizedWeight(self.fmt, self.shape, self.dtype, {k: v.to(device) for k, v in self.tensors.items()})
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Stored tensors only; the format, shape and dtype go in :meth:`metadata`."""
+        return dict(self.tensors)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"format": str(self.fmt), "shape": list(self.shape), "dtype": str(self.dtype).replace("torch.", "")}
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> "QuantizedWeight":
+        """Rebuild from :meth:`state_dict` and :meth:`metadata`."""
+        from . import parse_format
+
+        dtype = getattr(torch, metadata["dtype"])
+        return cls(parse_format(metadata["format"]), tuple(metadata["shape"]), dtype, dict(tensors))

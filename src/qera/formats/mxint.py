@@ -1,0 +1,74 @@
+"""MX integer format (OCP Microscaling, integer elements), as used by the QERA and LQER papers.
+
+Each block of ``block`` consecutive values along the last dimension shares a power-of-two scale
+stored as an 8-bit biased exponent. Elements are ``bits``-bit sign-magnitude integers:
+
+    E = floor(log2(max |x| over the block)),  scale = 2**(E - (bits - 2))
+    k = clamp(round_half_even(|x| / scale), 0, 2**(bits-1) - 1),  value = sign(x) * k * scale
+
+Storage: ``bits`` per element + 8 per block, e.g. 4.25 bits/weight for mxint4 with block 32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import QeraError
+from . import FORMATS
+from .base import WeightFormat, as_rows, from_rows
+from .packing import pack_bits, unpack_bits
+
+EXP_BIAS = 127
+
+
+@FORMATS.register("mxint")
+@dataclass(frozen=True)
+class MXIntFormat(WeightFormat):
+    """``mxint{bits}[:block=N]``: shared 8-bit power-of-two exponent per block (default 32)."""
+
+    block: int = 32
+    family: ClassVar[str] = "mxint"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.block, int) or self.block < 1:
+            raise QeraError(f"mxint: block must be a positive integer, got {self.block!r}")
+
+    def options(self) -> dict[str, Any]:
+        return {} if self.block == 32 else {"block": self.block}
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits + 8 / self.block
+
+    @property
+    def max_level(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        blocks, _ = as_rows(w, self.block)  # (rows, nb, block)
+        amax = blocks.abs().amax(dim=-1)  # (rows, nb)
+        _, e = torch.frexp(amax)  # amax = m * 2**e, m in [0.5, 1)
+        exp = torch.where(amax > 0, e - 1, torch.full_like(e, -EXP_BIAS)).clamp(-EXP_BIAS, EXP_BIAS)
+        scale = torch.ldexp(torch.ones_like(amax), exp - (self.bits - 2)).unsqueeze(-1)
+        k = torch.round(blocks.abs() / scale).clamp_(0, self.max_level)
+        sign = ((blocks < 0) & (k > 0)).to(torch.int64)
+        codes = (sign << (self.bits - 1)) | k.to(torch.int64)
+        return {
+            "codes": pack_bits(codes, self.bits),
+            "exponents": (exp + EXP_BIAS).to(torch.uint8),
+        }
+
+    def decode(self, tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+        exps = tensors["exponents"].to(torch.int32) - EXP_BIAS  # (rows, nb)
+        rows, nb = exps.shape
+        codes = unpack_bits(tensors["codes"], self.bits, rows * nb * self.block)
+        codes = codes.view(rows, nb, self.block).to(torch.int32)
+        k = (codes & self.max_level).to(torch.float32)
+        sign = 1.0 - 2.0 * (codes >> (self.bits - 1)).to(torch.float32)
+        scale = torch.ldexp(torch.ones(exps.shape, device=exps.device), exps - (self.bits - 2))
+        cols = shape[-1] if len(shape) else 1
+        return from_rows(sign * k * scale.unsqueeze(-1), shape, cols)

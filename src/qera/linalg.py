@@ -1,0 +1,182 @@
+"""Linear algebra for the reconstruction: weighted low-rank approximation without matrix roots.
+
+Problem: given the error ``D = W - W̃`` (out × in) and a PSD input metric ``R`` (in × in), find
+rank-k ``B A`` minimizing ``‖(D - B A) L‖_F² = trace((D - BA) R (D - BA)ᵀ)`` for any ``L Lᵀ = R``.
+
+Closed form: with ``U_k`` the top-k left singular vectors of ``D L`` (equivalently the top-k
+eigenvectors of ``G = D R Dᵀ``, out × out), the optimum is ``B A = U_k U_kᵀ D``; the objective
+is the sum of the ``m - k`` smallest eigenvalues of ``G``. Proof sketch: the column space of
+``(BA) L`` has dimension ≤ k, so by Eckart–Young the best is the projection of ``D L`` onto its
+top-k left singular space, ``U_k U_kᵀ D L``, which ``B A = U_k U_kᵀ D`` attains for every ``L``.
+
+So no square root, inverse or Cholesky factor of ``R`` is ever formed: ``G`` is applied through
+thin products ``D (R (Dᵀ Y))``, and a singular ``R`` (dead channels, few tokens) needs no
+flooring to stay finite. Diagonal metrics (LQER, QERA-approx) use ``R = diag(s²)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """Knobs of the top-k solver.
+
+    exact: ``True`` → dense float64 eigendecomposition of ``G``; ``False`` → randomized block
+        Krylov; ``None`` → exact when the Krylov basis would span half the problem or more.
+    n_iter: Krylov depth (applications of ``G`` after the first sketch).
+    oversample: sketch columns beyond ``rank`` (``None`` → ``max(rank, 8)``, i.e. ``p = 2k``).
+    seed: seed of the random sketch (the result is deterministic for a given seed).
+    compute_dtype: dtype of the big products on the randomized path (float32 by default;
+        the Rayleigh–Ritz step is always float64).
+    """
+
+    exact: bool | None = None
+    n_iter: int = 6
+    oversample: int | None = None
+    seed: int = 0
+    compute_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_iter, int) or self.n_iter < 0:
+            raise ValueError(f"n_iter must be an integer >= 0, got {self.n_iter!r}")
+        if self.oversample is not None and (not isinstance(self.oversample, int) or self.oversample < 0):
+            raise ValueError(f"oversample must be an integer >= 0, got {self.oversample!r}")
+
+    def sketch_width(self, rank: int) -> int:
+        return rank + (max(rank, 8) if self.oversample is None else self.oversample)
+
+    def use_exact(self, rank: int, m: int, n: int) -> bool:
+        if self.exact is not None:
+            return self.exact
+        return self.sketch_width(rank) * (self.n_iter + 1) * 2 >= min(m, n)
+
+
+def _metric_operator(D: torch.Tensor, scale: torch.Tensor | None, autocorr: torch.Tensor | None, dtype: torch.dtype):
+    """Return ``apply(Y) = G Y`` with ``G = D R Dᵀ`` for the given metric, in ``dtype``."""
+    Dc = D.to(dtype)
+    if autocorr is not None:
+        Rc = autocorr.to(device=D.device, dtype=dtype)
+        return lambda Y: Dc @ (Rc @ (Dc.T @ Y))
+    if scale is not None:
+        Mc = Dc * scale.to(device=D.device, dtype=dtype)
+    else:
+        Mc = Dc
+    return lambda Y: Mc @ (Mc.T @ Y)
+
+
+def gram_matrix(D: torch.Tensor, scale: torch.Tensor | None = None, autocorr: torch.Tensor | None = None) -> torch.Tensor:
+    """``G = D R Dᵀ`` in float64 (out × out); ``R = diag(scale²)`` or ``autocorr`` or ``I``."""
+    D64 = D.to(torch.float64)
+    if autocorr is not None:
+        G = D64 @ autocorr.to(device=D.device, dtype=torch.float64) @ D64.T
+    else:
+        M = D64 * scale.to(device=D.device, dtype=torch.float64) if scale is not None else D64
+        G = M @ M.T
+    return (G + G.T) / 2
+
+
+def top_eigvecs_exact(G: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k eigenvectors (columns, largest first) of the symmetric ``G`` via float64 ``eigh``."""
+    _, vecs = torch.linalg.eigh(G.to(torch.float64))
+    return vecs[:, -k:].flip(-1)
+
+
+def top_eigvecs_randomized(apply_G, m: int, k: int, opts: SolverOptions, device: torch.device) -> torch.Tensor:
+    """Top-k eigenvectors of a PSD ``G`` (m × m) given only ``Y ↦ G Y``.
+
+    Randomized block Krylov (Musco & Musco, 2015): blocks ``Q_0 = orth(G Ω)``,
+    ``Q_i = orth(G Q_{i-1})`` with ``p`` columns each, one float64 QR of the whole basis, then
+    Rayleigh–Ritz in float64. Krylov bases converge far faster than plain subspace iteration on
+    the flat spectra of quantization errors. Returns float64 ``(m, k)`` orthonormal columns.
+    """
+    p = min(m, opts.sketch_width(k))
+    gen = torch.Generator(device="cpu").manual_seed(opts.seed)
+    omega = torch.randn(m, p, generator=gen, dtype=opts.compute_dtype).to(device)
+    Q, _ = torch.linalg.qr(apply_G(omega))
+    blocks = [Q]
+    for _ in range(opts.n_iter):
+        Q, _ = torch.linalg.qr(apply_G(Q))
+        blocks.append(Q)
+    K, _ = torch.linalg.qr(torch.cat(blocks, dim=1).to(torch.float64))
+    K = K[:, : min(K.shape[1], m)]
+    T = K.T @ apply_G(K.to(opts.compute_dtype)).to(torch.float64)
+    _, vecs = torch.linalg.eigh((T + T.T) / 2)
+    U, _ = torch.linalg.qr(K @ vecs[:, -k:].flip(-1))
+    return U
+
+
+def weighted_lowrank(
+    D: torch.Tensor,
+    rank: int,
+    scale: torch.Tensor | None = None,
+    autocorr: torch.Tensor | None = None,
+    opts: SolverOptions = SolverOptions(),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` ``(A, B)`` minimizing ``trace((D - BA) R (D - BA)ᵀ)``.
+
+    Args:
+        D: error ``W - W̃``, shape ``(out, in)``.
+        rank: k, ``1 <= k <= min(out, in)``.
+        scale: per-input-channel scale ``s`` (shape ``(in,)``), meaning ``R = diag(s²)``.
+        autocorr: ``R`` itself (shape ``(in, in)``, PSD); takes precedence over ``scale``.
+    Returns:
+        ``A`` of shape ``(k, in)`` and ``B`` of shape ``(out, k)``, float32, with
+        ``B A = U_k U_kᵀ D``; the rank-one terms are balanced (``‖B[:, i]‖ = ‖A[i]‖``).
+    """
+    m, n = D.shape
+    k = rank
+    if opts.use_exact(k, m, n):
+        U = top_eigvecs_exact(gram_matrix(D, scale, autocorr), k)
+    else:
+        apply_G = _metric_operator(D, scale, autocorr, opts.compute_dtype)
+        U = top_eigvecs_randomized(apply_G, m, k, opts, D.device)
+    A = U.T @ D.to(torch.float64)  # (k, n)
+    norms = A.norm(dim=1).sqrt()
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    return (A / norms[:, None]).to(torch.float32), (U * norms[None, :]).to(torch.float32)
+
+
+def lowrank_objective(
+    D: torch.Tensor, A: torch.Tensor, B: torch.Tensor, autocorr: torch.Tensor | None = None
+) -> float:
+    """``trace(E R Eᵀ)`` with ``E = D - B A`` (``R = I`` when ``autocorr`` is None), in float64."""
+    E = D.to(torch.float64) - B.to(torch.float64) @ A.to(torch.float64)
+    if autocorr is None:
+        return float((E * E).sum())
+    return float(((E @ autocorr.to(device=E.device, dtype=torch.float64)) * E).sum())
+
+
+def optimal_objective(D: torch.Tensor, rank: int, autocorr: torch.Tensor | None = None) -> float:
+    """The minimum of :func:`lowrank_objective` over rank-``rank`` ``BA``: the tail of ``eig(D R Dᵀ)``."""
+    G = gram_matrix(D, autocorr=autocorr)
+    vals = torch.linalg.eigvalsh(G)
+    # trace minus the top-k is robust; summing the tail would add rounding noise of ~0 eigenvalues
+    return float(torch.trace(G) - vals[vals.numel() - min(rank, vals.numel()):].sum())
+
+
+def psd_factor(R: torch.Tensor, floor: float = 1e-10, name: str | None = None) -> torch.Tensor:
+    """A factor ``L`` with ``L Lᵀ ≈ R`` in float64, never complex or NaN (for analysis and reference).
+
+    Cholesky first; if it fails, ``eigh`` with eigenvalues floored at ``floor · mean(diag R)``
+    and a warning naming the layer.
+    """
+    R64 = R.to(torch.float64)
+    R64 = (R64 + R64.T) / 2
+    L, info = torch.linalg.cholesky_ex(R64)
+    if int(info) == 0 and torch.isfinite(L).all():
+        return L
+    vals, vecs = torch.linalg.eigh(R64)
+    level = floor * float(torch.diagonal(R64).mean().clamp_min(torch.finfo(torch.float64).tiny))
+    n_floored = int((vals < level).sum())
+    log.warning(
+        "autocorrelation%s is not positive definite: floored %d of %d eigenvalues at %.3g",
+        f" of {name}" if name else "", n_floored, vals.numel(), level,
+    )
+    return vecs * vals.clamp_min(level).sqrt()[None, :]

@@ -1,0 +1,113 @@
+"""The reconstruction-method interface and the shared argument checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import QeraError, where
+from ..formats import QuantizedWeight, WeightFormat
+from ..linalg import SolverOptions
+from ..statistics import ActivationStats
+
+
+@dataclass
+class Reconstruction:
+    """Result of one layer's solve: ``W ≈ W̃ + B @ A``.
+
+    ``A``: (rank, in), ``B``: (out, rank), float32. ``qweight`` is the final quantized weight
+    (LoftQ re-quantizes, so it may differ from the input one); ``w_q`` its dequantized float32 form.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    w_q: torch.Tensor
+    qweight: QuantizedWeight | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+class Method(ABC):
+    """A reconstruction method. Subclasses set ``needs`` and implement :meth:`solve_error`.
+
+    Options are keyword arguments validated in ``__init__``; unknown ones raise ``QeraError``.
+    """
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()  # statistics kinds (see qera.statistics)
+    uses_rank: ClassVar[bool] = True
+    option_names: ClassVar[frozenset[str]] = frozenset(f.name for f in dataclasses.fields(SolverOptions))
+
+    def __init__(self, **options: Any) -> None:
+        unknown = set(options) - set(self.option_names)
+        if unknown:
+            raise QeraError(
+                f"method {self.name!r} got unknown option(s) {sorted(unknown)}; "
+                f"allowed: {', '.join(sorted(self.option_names)) or 'none'}"
+            )
+        self.options = options
+        solver_keys = {f.name for f in dataclasses.fields(SolverOptions)}
+        self.solver = SolverOptions(**{k: v for k, v in options.items() if k in solver_keys})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+    # -- checks ---------------------------------------------------------------------------------
+    def check(self, W: torch.Tensor, rank: int, stats: ActivationStats | None, name: str | None) -> None:
+        out_f, in_f = W.shape
+        if self.uses_rank:
+            if not isinstance(rank, int) or not 1 <= rank <= min(out_f, in_f):
+                raise QeraError(
+                    f"rank must be an integer in 1..{min(out_f, in_f)} for a {out_f}x{in_f} weight, "
+                    f"got {rank!r}{where(name)}"
+                )
+        elif rank not in (0, None):
+            raise QeraError(f"method {self.name!r} adds no low-rank term; rank must be 0, got {rank!r}")
+        if self.needs:
+            if stats is None:
+                raise QeraError(
+                    f"method {self.name!r} needs calibration statistics ({', '.join(sorted(self.needs))}){where(name)}"
+                )
+            if stats.dim != in_f:
+                raise QeraError(f"statistics width {stats.dim} != in_features {in_f}{where(name)}")
+            if stats.count == 0:
+                raise QeraError(f"statistics hold no tokens{where(name)}")
+
+    # -- solving --------------------------------------------------------------------------------
+    @abstractmethod
+    def solve_error(
+        self, D: torch.Tensor, rank: int, stats: ActivationStats | None, name: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` approximating the quantization error ``D = W - W̃`` (out × in)."""
+
+    def solve(
+        self,
+        W: torch.Tensor,
+        qweight: QuantizedWeight | torch.Tensor,
+        rank: int,
+        stats: ActivationStats | None = None,
+        fmt: WeightFormat | None = None,
+        name: str | None = None,
+    ) -> Reconstruction:
+        """Reconstruct ``W`` from its quantized form; see :func:`qera.methods.reconstruct`."""
+        W32 = W.detach().to(torch.float32)
+        if isinstance(qweight, QuantizedWeight):
+            w_q = qweight.dequantize(torch.float32).to(W.device)
+            qw: QuantizedWeight | None = qweight
+        else:
+            w_q, qw = qweight.detach().to(device=W.device, dtype=torch.float32), None
+        if w_q.shape != W32.shape:
+            raise QeraError(f"W has shape {tuple(W32.shape)} but W_q has shape {tuple(w_q.shape)}{where(name)}")
+        if not torch.isfinite(w_q).all():
+            raise QeraError(f"W_q contains NaN/Inf{where(name)}")
+        if not self.uses_rank:
+            z = W32.new_zeros
+            return Reconstruction(z(0, W32.shape[1]), z(W32.shape[0], 0), w_q, qw)
+        A, B = self.solve_error(W32 - w_q, rank, stats, name)
+        return Reconstruction(A.to(W.device), B.to(W.device), w_q, qw)

@@ -1,0 +1,25 @@
+"""Shared fixtures: synthetic correlated, heavy-tailed activations and small weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def correlated_inputs(n: int, d: int, seed: int = 0, outliers: int = 4) -> torch.Tensor:
+    """Rows of Student-t(3) noise mixed by a random matrix, with a few large outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    t = torch.distributions.StudentT(3.0)
+    torch.manual_seed(seed)
+    x = t.sample((n, d)) @ mix
+    x[:, :outliers] *= 15.0
+    return x
+
+
+@pytest.fixture
+def problem():
+    """(W, x): a 48×64 weight and 2000 correlated input rows."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(48, 64, generator=g) * 0.05
+    return W, correlated_inputs(2000, 64, seed=2)
