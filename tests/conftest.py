@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
 
 def correlated_inputs(n: int, d: int, seed: int = 0, outliers: int = 4) -> torch.Tensor:

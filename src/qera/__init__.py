@@ -12,6 +12,12 @@ from .linalg import SolverOptions, weighted_lowrank  # noqa: E402
 from .methods import METHODS, Reconstruction, get_method, quantize_and_reconstruct, reconstruct  # noqa: E402
 from .metrics import layer_output_error, weight_error  # noqa: E402
 from .statistics import ActivationStats, load_stats, save_stats  # noqa: E402
+from .calibration import CalibrationStats, collect_statistics, find_targets  # noqa: E402
+from .modules import QERALinear  # noqa: E402
+from .pipeline import QuantConfig, QuantReport, quantize_model  # noqa: E402
+from .checkpoint import load_quantized, save_quantized  # noqa: E402
+from .evaluation import perplexity  # noqa: E402
+from .models import load_model  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -35,4 +41,15 @@ __all__ = [
     "quantize_and_reconstruct",
     "layer_output_error",
     "weight_error",
+    "CalibrationStats",
+    "collect_statistics",
+    "find_targets",
+    "QERALinear",
+    "QuantConfig",
+    "QuantReport",
+    "quantize_model",
+    "save_quantized",
+    "load_quantized",
+    "perplexity",
+    "load_model",
 ]

@@ -133,7 +133,12 @@ def weighted_lowrank(
     m, n = D.shape
     k = rank
     if opts.use_exact(k, m, n):
-        U = top_eigvecs_exact(gram_matrix(D, scale, autocorr), k)
+        if m > n:
+            # Tall D = Q T (thin QR): G = Q (T R Tᵀ) Qᵀ, so eigenvectors come from an n × n problem.
+            Q, T = torch.linalg.qr(D.to(torch.float64))
+            U = Q @ top_eigvecs_exact(gram_matrix(T, scale, autocorr), k)
+        else:
+            U = top_eigvecs_exact(gram_matrix(D, scale, autocorr), k)
     else:
         apply_G = _metric_operator(D, scale, autocorr, opts.compute_dtype)
         U = top_eigvecs_randomized(apply_G, m, k, opts, D.device)

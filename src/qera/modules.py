@@ -1,0 +1,129 @@
+"""``QERALinear``: a linear layer with a packed low-bit weight plus a high-precision low-rank term.
+
+    y = x W̃ᵀ + (x Aᵀ) Bᵀ + b,     W̃: (out, in) packed,  A: (rank, in),  B: (out, rank)
+
+The dequantized ``W̃`` is cached (per dtype/device) by default, so inference costs one dense
+GEMM plus two thin ones; ``cache_weight=False`` dequantizes in every forward to save memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import QuantizedWeight, WeightFormat, parse_format
+from .methods import Reconstruction
+
+QPREFIX = "qweight_"
+
+
+class QERALinear(nn.Module):
+    """Quantized weight (buffers ``qweight_*``), low-rank ``A``/``B`` parameters and optional bias."""
+
+    def __init__(
+        self,
+        qweight: QuantizedWeight,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        cache_weight: bool = True,
+    ) -> None:
+        super().__init__()
+        out_f, in_f = qweight.shape
+        if A.shape != (A.shape[0], in_f) or B.shape != (out_f, A.shape[0]):
+            raise ValueError(f"A {tuple(A.shape)} / B {tuple(B.shape)} do not fit a {out_f}x{in_f} weight")
+        self.in_features, self.out_features = in_f, out_f
+        self.fmt: WeightFormat = qweight.fmt
+        self.weight_dtype = qweight.dtype
+        self._qkeys = sorted(qweight.tensors)
+        for key in self._qkeys:
+            self.register_buffer(QPREFIX + key, qweight.tensors[key])
+        self.A = nn.Parameter(A, requires_grad=False)
+        self.B = nn.Parameter(B, requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.cache_weight = cache_weight
+        self._w_cache: torch.Tensor | None = None
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, rec: Reconstruction, lowrank_dtype: torch.dtype = torch.float16, cache_weight: bool = True
+    ) -> "QERALinear":
+        if rec.qweight is None:
+            raise ValueError("the reconstruction carries no quantized weight")
+        dev = linear.weight.device
+        return cls(
+            rec.qweight.to(dev), rec.A.to(dev, lowrank_dtype), rec.B.to(dev, lowrank_dtype),
+            linear.bias, cache_weight,
+        )
+
+    @classmethod
+    def empty(
+        cls, in_features: int, out_features: int, fmt: str | WeightFormat, rank: int, bias: bool,
+        weight_dtype: torch.dtype, lowrank_dtype: torch.dtype,
+    ) -> "QERALinear":
+        """A placeholder with correctly shaped buffers, to be filled by ``load_state_dict``."""
+        fmt = parse_format(fmt)
+        qw = fmt.quantize(torch.zeros(out_features, in_features, dtype=weight_dtype))
+        A = torch.zeros(rank, in_features, dtype=lowrank_dtype)
+        B = torch.zeros(out_features, rank, dtype=lowrank_dtype)
+        b = torch.zeros(out_features, dtype=weight_dtype) if bias else None
+        return cls(qw, A, B, b)
+
+    # -- views ----------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        tensors = {k: getattr(self, QPREFIX + k) for k in self._qkeys}
+        return QuantizedWeight(self.fmt, (self.out_features, self.in_features), self.weight_dtype, tensors)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.qweight.dequantize(dtype or self.weight_dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``W̃ + B A`` as a dense tensor (for analysis and for code that reads ``.weight``)."""
+        return self.dequantized_weight() + (self.B.float() @ self.A.float()).to(self.weight_dtype)
+
+    def storage_bits(self) -> dict[str, int]:
+        q = sum(getattr(self, QPREFIX + k).numel() * getattr(self, QPREFIX + k).element_size() for k in self._qkeys)
+        lr = self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
+        return {"weight": 8 * q, "lowrank": 8 * lr}
+
+    # -- forward --------------------------------------------------------------------------------
+    def _w(self, dtype: torch.dtype) -> torch.Tensor:
+        c = self._w_cache
+        if c is not None and c.dtype == dtype and c.device == self.A.device:
+            return c
+        w = self.dequantized_weight(dtype)
+        if self.cache_weight:
+            self._w_cache = w
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self._w(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.rank:
+            y = y + F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
+        return y
+
+    def _apply(self, fn, recurse=True):
+        # Moving the module moves the packed buffers but never changes their dtype (scales are
+        # stored in fp16 and exponents in uint8 by definition of the format).
+        saved = {k: getattr(self, QPREFIX + k) for k in self._qkeys}
+        super()._apply(fn, recurse)
+        for k, old in saved.items():
+            new = getattr(self, QPREFIX + k)
+            if new.dtype != old.dtype:
+                setattr(self, QPREFIX + k, old.to(new.device))
+        self._w_cache = None
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}, "
+            f"rank={self.rank}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+
+from qera.cli import main
+from tiny import TEXT, byte_tokenizer, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama().save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "calib.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_quantize_eval_info_calibrate(tmp_path, capsys, model_dir, text_file):
+    code, out, err = run(capsys, "calibrate", model_dir, "--calib-text", text_file, "--calib-samples", 8,
+                         "--calib-seq-len", 32, "--out", tmp_path / "s.safetensors", "--json", "--no-progress")
+    assert code == 0, err
+    assert json.loads(out)["inputs"] == 8
+    code, out, err = run(capsys, "quantize", model_dir, "--format", "mxint3", "--method", "qera-exact", "--rank", 4,
+                         "--stats", tmp_path / "s.safetensors", "--out", tmp_path / "q", "--json", "--no-progress",
+                         "--report", tmp_path / "report.json")
+    assert code == 0, err
+    assert json.loads(out)["bits_weight"] == pytest.approx(3.25)
+    assert len(json.loads((tmp_path / "report.json").read_text())["layers"]) == 14
+    code, out, err = run(capsys, "eval", tmp_path / "q", "--eval-text", text_file, "--seq-len", 64,
+                         "--max-windows", 2, "--json", "--no-progress")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["windows"] == 2 and r["perplexity"] > 1
+    code, out, err = run(capsys, "info", tmp_path / "q", "--json")
+    assert code == 0 and json.loads(out)["method"] == "qera-exact"
+
+
+def test_compare(tmp_path, capsys, model_dir, text_file):
+    code, out, err = run(capsys, "compare", model_dir, "--methods", "w-only,qera-exact", "--settings", "mxint3@4",
+                         "--calib-text", text_file, "--eval-text", text_file, "--calib-samples", 4,
+                         "--calib-seq-len", 32, "--seq-len", 64, "--max-windows", 2, "--json", "--no-progress",
+                         "--out-json", tmp_path / "t.json")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [r["method"] for r in rows] == ["fp", "w-only", "qera-exact"]
+    assert rows[2]["mean_output_error_ratio"] < rows[1]["mean_output_error_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["eval", "no-such-model-alias"], "unknown model"),
+    (["quantize", "{model}", "--calib-text", "/nonexistent.txt", "--out", "{tmp}/o"], "not found"),
+    (["quantize", "{model}", "--calib-text", "{short}", "--out", "{tmp}/o"], "tokens"),
+    (["quantize", "{model}", "--calib-text", "{text}", "--out", "{tmp}"], "already exists"),
+    (["quantize", "{model}", "--method", "zeroquant-v2", "--rank", "100", "--out", "{tmp}/o"], "rank must be"),
+    (["quantize", "{model}", "--format", "mxint9", "--out", "{tmp}/o"], "bits"),
+    (["quantize", "{model}", "--method-opt", "iters", "--out", "{tmp}/o"], "KEY=VALUE"),
+    (["quantize", "{model}", "--stats", "{text}", "--out", "{tmp}/o"], "statistics file"),
+    (["eval", "{model}", "--eval-text", "{short}"], "tokens"),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, model_dir, text_file, argv, needle):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    argv = [a.format(model=model_dir, tmp=tmp_path, text=text_file, short=short) for a in argv]
+    code, out, err = run(capsys, *argv, "--no-progress")
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.startswith("qera")]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err

