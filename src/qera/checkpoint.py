@@ -32,12 +32,27 @@ QERA_CONFIG = "qera_config.json"
 WEIGHTS = "model.safetensors"
 
 
+def plain_key(key: str) -> str | None:
+    """Name of a parameter in the plain (un-adapted) model, or None for PEFT adapter tensors.
+
+    PEFT wraps a target as ``<name>.base_layer`` beside ``<name>.lora_A.<adapter>`` and a saved
+    head as ``<name>.original_module`` beside ``<name>.modules_to_save.<adapter>``; the base
+    checkpoint keeps only the former of each.
+    """
+    if ".lora_" in key or ".modules_to_save." in key:
+        return None
+    return key.replace(".base_layer.", ".").replace(".original_module.", ".")
+
+
 def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict with tied tensors stored once; returns ``(tensors, {alias: stored_name})``."""
+    """Plain-model state dict with tied tensors stored once; returns ``(tensors, {alias: stored_name})``."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for name, t in model.state_dict().items():
+    for raw, t in model.state_dict().items():
+        name = plain_key(raw)
+        if name is None:
+            continue
         key = (t.data_ptr(), t.dtype, tuple(t.shape), t.device) if t.numel() else None
         if key is not None and key in seen:
             aliases[name] = seen[key]
@@ -49,7 +64,12 @@ def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QERALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QERALinear)}
+    """``QERALinear`` modules by their plain-model name (PEFT's ``.base_layer`` suffix removed)."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, QERALinear):
+            out[n[: -len(".base_layer")] if n.endswith(".base_layer") else n] = m
+    return out
 
 
 def save_quantized(model: nn.Module, tokenizer, path: str | os.PathLike, overwrite: bool = False, report=None) -> Path:
@@ -126,22 +146,39 @@ def read_qera_config(path: str | os.PathLike) -> dict:
     return json.loads(p.read_text())
 
 
-def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Rebuild ``(model, tokenizer)`` from :func:`save_quantized` output (tokenizer may be None)."""
+def _model_class(config):
+    """The architecture named in the HF config (e.g. ``BertForSequenceClassification``), else a causal LM."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu", cache_weight: bool = True):
+    """Rebuild ``(model, tokenizer)`` from :func:`save_quantized` output (tokenizer may be None).
+
+    ``cache_weight=False`` keeps only the packed weights in memory (dequantized per forward).
+    """
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from .pipeline import QuantConfig, replace_module
 
     path = Path(path)
     meta = read_qera_config(path)
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    cls = _model_class(config)
+    dtype = getattr(config, "dtype", None) or torch.float32
+    model = cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls._from_config(config, dtype=dtype)
     for name, m in meta["layers"].items():
         replace_module(model, name, QERALinear.empty(
             m["in_features"], m["out_features"], m["format"], m["rank"], m["bias"],
             getattr(torch, m["weight_dtype"]), getattr(torch, m["lowrank_dtype"]),
         ))
+        model.get_submodule(name).cache_weight = cache_weight
     state = load_file(str(path / WEIGHTS))
     for alias, stored in meta.get("tied", {}).items():
         state[alias] = state[stored]

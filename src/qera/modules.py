@@ -77,12 +77,12 @@ class QERALinear(nn.Module):
         return self.A.shape[0]
 
     @property
-    def qweight(self) -> QuantizedWeight:
+    def packed_weight(self) -> QuantizedWeight:
         tensors = {k: getattr(self, QPREFIX + k) for k in self._qkeys}
         return QuantizedWeight(self.fmt, (self.out_features, self.in_features), self.weight_dtype, tensors)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.qweight.dequantize(dtype or self.weight_dtype)
+        return self.packed_weight.dequantize(dtype or self.weight_dtype)
 
     @property
     def weight(self) -> torch.Tensor:

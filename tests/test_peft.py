@@ -1,0 +1,106 @@
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from qera import QERALinear, QeraError, QuantConfig, quantize_model  # noqa: E402
+from qera.data import calibration_batches  # noqa: E402
+from qera.peft import QPEFTConfig, load_qpeft, prepare_qpeft_model, save_qpeft  # noqa: E402
+from tiny import TEXT, byte_tokenizer, tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def batches(tok):
+    return calibration_batches(tok, TEXT, n_samples=8, seq_len=48, seed=0, batch_size=4)
+
+
+@pytest.mark.parametrize("init", ["qlora", "loftq", "qera-approx", "qera-exact"])
+def test_step0_equals_quantized_model_with_reconstruction(batches, init):
+    """alpha/r = 12/5 is not a power of two: the B / scaling bookkeeping must be right."""
+    base = tiny_llama()
+    cfg = QPEFTConfig(format="mxint3", init=init, rank=5, alpha=12.0, init_options={"iters": 2} if init == "loftq" else {})
+    pm, _ = prepare_qpeft_model(copy.deepcopy(base), cfg, calibration=batches, progress=False)
+    ref = copy.deepcopy(base)
+    method = "w-only" if init == "qlora" else init
+    quantize_model(ref, QuantConfig(format="mxint3", method=method, rank=0 if method == "w-only" else 5,
+                                    method_options=cfg.init_options, lowrank_dtype="float32"),
+                   calibration=batches, progress=False)
+    ids = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_init_reduces_output_error_vs_qlora(batches):
+    base = tiny_llama()
+    ids = torch.cat([b["input_ids"] for b in batches])
+    with torch.no_grad():
+        want = base(ids).logits
+    err = {}
+    for init in ("qlora", "qera-approx", "qera-exact"):
+        pm, _ = prepare_qpeft_model(copy.deepcopy(base), QPEFTConfig(format="mxint3", init=init, rank=8), calibration=batches, progress=False)
+        with torch.no_grad():
+            err[init] = float(((pm(ids).logits - want) ** 2).mean())
+    assert err["qera-exact"] < err["qlora"] and err["qera-approx"] < err["qlora"]
+
+
+def test_only_adapters_train_and_base_stays_packed(batches):
+    pm, _ = prepare_qpeft_model(tiny_llama(), QPEFTConfig(init="qera-approx", rank=4), calibration=batches, progress=False)
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    bases = [m for m in pm.modules() if isinstance(m, QERALinear)]
+    assert len(bases) == 14
+    for m in bases:
+        assert m.rank == 0 and not m.cache_weight
+        assert all(getattr(m, "qweight_" + k).dtype in (torch.uint8, torch.float16) for k in m._qkeys)
+    ids = torch.randint(0, 256, (2, 16))
+    pm(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in pm.named_parameters() if p.requires_grad)
+    assert all(m._w_cache is None for m in bases)  # nothing dense kept between forwards
+
+
+def test_save_load_round_trip(tmp_path, tok, batches):
+    pm, _ = prepare_qpeft_model(tiny_llama(), QPEFTConfig(init="qera-exact", rank=4, alpha=7.0), calibration=batches, progress=False)
+    with torch.no_grad():  # pretend some training happened
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    save_qpeft(pm, tok, tmp_path / "q")
+    back, tok2 = load_qpeft(tmp_path / "q", is_trainable=True)
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, back(ids).logits, rtol=0, atol=0)
+    assert any(p.requires_grad for p in back.parameters())
+    with pytest.raises(QeraError, match="already exists"):
+        save_qpeft(pm, tok, tmp_path / "q")
+
+
+def test_tiny_training_run_decreases_loss(batches):
+    pm, _ = prepare_qpeft_model(tiny_llama(), QPEFTConfig(format="mxint3", init="qera-approx", rank=4), calibration=batches, progress=False)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    ids = batches[0]["input_ids"]
+    losses = []
+    for _ in range(15):
+        loss = pm(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_bad_input(batches):
+    with pytest.raises(QeraError, match="unknown init"):
+        QPEFTConfig(init="pissa")
+    with pytest.raises(QeraError, match="exceeds"):
+        prepare_qpeft_model(tiny_llama(), QPEFTConfig(init="qera-approx", rank=100), calibration=batches, progress=False)
+    with pytest.raises(QeraError, match="needs calibration"):
+        prepare_qpeft_model(tiny_llama(), QPEFTConfig(init="qera-exact", rank=4), progress=False)
+    with pytest.raises(QeraError):
+        QPEFTConfig(rank=0)
