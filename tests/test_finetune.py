@@ -79,3 +79,21 @@ def test_finetune_rejects_bad_tsv(tmp_path, capsys):
     code = main(["finetune", "minilm-l6", "--task", "sst2", "--train", str(bad), "--eval", str(bad), "--out",
                  str(tmp_path / "o"), "--no-progress"])
     assert code == 2 and "label 'maybe'" in capsys.readouterr().err
+
+
+def test_output_error_cli(tmp_path, capsys):
+    d = tmp_path / "model"
+    tiny_llama().save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    text = write(tmp_path / "t.txt", TEXT)
+    code = main(["output-error", str(d), "--formats", "mxint3", "--ranks", "2,8", "--loftq-iters", "2",
+                 "--calib-text", str(text), "--eval-text", str(text), "--calib-samples", "8", "--calib-seq-len", "32",
+                 "--eval-samples", "4", "--eval-seq-len", "32", "--out", str(tmp_path / "oe"), "--json", "--no-progress"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    rows = json.loads(out.out)["rows"]
+    err = {(r["init"], r["rank"], r["iters"]): r["logit_mse"] for r in rows}
+    assert err[("qera-exact", 8, None)] < err[("qlora", 8, None)]
+    assert err[("qera-exact", 8, None)] < err[("qera-exact", 2, None)]
+    assert err[("qlora", 2, None)] == err[("qlora", 8, None)]  # B = 0: rank does not matter
+    assert (tmp_path / "oe" / "output_error_mxint3.png").stat().st_size > 1000

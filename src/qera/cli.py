@@ -357,7 +357,7 @@ def cmd_output_error(args) -> int:
     write_result({"model": args.model, "rows": rows}, out / "output_error.json")
     for fmt in args.formats.split(","):
         plot_output_error([r for r in rows if r["format"] == fmt], out / f"output_error_{fmt.replace(':', '_')}.png",
-                          title=f"{args.model} {fmt}: output error before training")
+                          title=f"{Path(args.model).name} {fmt}: output error before training")
     lines = [f"{'format':<16} {'init':<12} {'rank':>4} {'iters':>5} {'output MSE':>12} {'KL':>10}"]
     for r in rows:
         lines.append(f"{r['format']:<16} {r['init']:<12} {r['rank']:>4} {r['iters'] or '-':>5} {r['logit_mse']:>12.5g} "

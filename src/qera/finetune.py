@@ -67,11 +67,12 @@ def _args(cfg: TrainConfig, out_dir: Path, progress: bool, steps_per_epoch: int)
     from transformers import TrainingArguments
 
     strategy = "steps" if cfg.eval_steps else "epoch"
+    logging_steps = max(1, min(cfg.logging_steps, steps_per_epoch))
     return TrainingArguments(
         output_dir=str(out_dir / "trainer"), learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=max(cfg.batch_size, 32),
         warmup_steps=int(cfg.warmup_ratio * cfg.epochs * steps_per_epoch), weight_decay=cfg.weight_decay,
-        eval_strategy=strategy, eval_steps=cfg.eval_steps, logging_steps=cfg.logging_steps,
+        eval_strategy=strategy, eval_steps=cfg.eval_steps, logging_steps=logging_steps,
         save_strategy="no", report_to=[], seed=cfg.seed, data_seed=cfg.seed, use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0,
     )
@@ -102,10 +103,11 @@ def finetune_classifier(
     trainer = Trainer(model=model, args=_args(cfg, out_dir, progress, steps), train_dataset=train_ds,
                       eval_dataset=eval_ds, data_collator=DataCollatorWithPadding(tokenizer),
                       compute_metrics=metrics)
+    before = trainer.evaluate()  # step 0: where the initializations differ
     trainer.train()
     final = trainer.evaluate()
     history = _history(trainer)
-    return {"task": task, "metric": spec.main_metric, "final": final, "history": history,
+    return {"task": task, "metric": spec.main_metric, "initial": before, "final": final, "history": history,
             "train_examples": len(train_ds), "eval_examples": len(eval_ds), "config": asdict(cfg)}
 
 

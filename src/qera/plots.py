@@ -28,11 +28,20 @@ def plot_curves(runs: Mapping[str, Sequence[dict]], metric: str, path: str | Pat
             ax2.plot(*zip(*ev), marker="o", label=label)
     ax1.set(xlabel="step", ylabel="train loss", title="training loss")
     ax2.set(xlabel="step", ylabel=metric, title=f"eval {metric}")
-    for ax in (ax1, ax2):
+    _finish(fig, (ax1, ax2), title)
+    return _save(fig, plt, path)
+
+
+def _finish(fig, axes, title: str) -> None:
+    for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
+
+
+def _save(fig, plt, path) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -43,21 +52,19 @@ def plot_output_error(rows: Sequence[dict], path: str | Path, title: str = "") -
     """Output error vs rank per init (left) and LoftQ error vs iterations per rank (right)."""
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    inits = sorted({r["init"] for r in rows if r["init"] != "loftq" or r.get("iters") == max(x.get("iters", 0) for x in rows)})
-    for init in inits:
-        pts = sorted((r["rank"], r["logit_mse"]) for r in rows if r["init"] == init and (init != "loftq" or r["iters"] == max(x.get("iters", 0) for x in rows if x["init"] == "loftq")))
-        ax1.plot(*zip(*pts), marker="o", label=init)
+    last_iter = max((r["iters"] for r in rows if r["init"] == "loftq"), default=None)
+    for init in sorted({r["init"] for r in rows}):
+        pts = sorted((r["rank"], r["logit_mse"]) for r in rows
+                     if r["init"] == init and (init != "loftq" or r["iters"] == last_iter))
+        ax1.plot(*zip(*pts), marker="o", label=f"loftq ({last_iter} it.)" if init == "loftq" else init)
     for rank in sorted({r["rank"] for r in rows if r["init"] == "loftq"}):
         pts = sorted((r["iters"], r["logit_mse"]) for r in rows if r["init"] == "loftq" and r["rank"] == rank)
         ax2.plot(*zip(*pts), marker="o", label=f"rank {rank}")
-    ax1.set(xlabel="rank", ylabel="output MSE", xscale="log", yscale="log", title="output error before training")
+    ranks = sorted({r["rank"] for r in rows})
+    ax1.set(xlabel="rank", ylabel="output MSE", yscale="log", title="output error before training")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xticks(ranks, [str(r) for r in ranks])
     ax2.set(xlabel="LoftQ iterations", ylabel="output MSE", yscale="log", title="LoftQ")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    ax2.xaxis.get_major_locator().set_params(integer=True)
+    _finish(fig, (ax1, ax2), title)
+    return _save(fig, plt, path)
