@@ -160,6 +160,9 @@ def lowrank_objective(
 
 def optimal_objective(D: torch.Tensor, rank: int, autocorr: torch.Tensor | None = None) -> float:
     """The minimum of :func:`lowrank_objective` over rank-``rank`` ``BA``: the tail of ``eig(D R Dᵀ)``."""
+    if D.shape[0] > D.shape[1]:  # tall: G = Q (T R Tᵀ) Qᵀ has the same nonzero spectrum as T R Tᵀ
+        _, T = torch.linalg.qr(D.to(torch.float64))
+        D = T
     G = gram_matrix(D, autocorr=autocorr)
     vals = torch.linalg.eigvalsh(G)
     # trace minus the top-k is robust; summing the tail would add rounding noise of ~0 eigenvalues
