@@ -234,3 +234,22 @@ def test_qera_linear_moves_without_touching_packed_dtypes():
     assert torch.equal(lin.dequantized_weight(torch.float32), before)
     x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
     assert lin(x).dtype == torch.bfloat16
+
+
+def test_merged_and_separate_lowrank_forward_agree(stats):
+    model = tiny_llama()
+    quantize_model(model, QuantConfig(format="mxint3", method="qera-exact", rank=8), stats=stats, progress=False)
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        merged = model(ids).logits
+        for m in model.modules():
+            if isinstance(m, QERALinear):
+                m.merge_lowrank, m._w_cache = False, None
+        separate = model(ids).logits
+        for m in model.modules():
+            if isinstance(m, QERALinear):
+                m.cache_weight, m._w_cache = False, None
+        uncached = model(ids).logits
+    torch.testing.assert_close(merged, separate, rtol=1e-4, atol=1e-4)
+    assert torch.equal(separate, uncached)
+    assert all(m._w_cache is None for m in model.modules() if isinstance(m, QERALinear))

@@ -2,8 +2,10 @@
 
     y = x W̃ᵀ + (x Aᵀ) Bᵀ + b,     W̃: (out, in) packed,  A: (rank, in),  B: (out, rank)
 
-The dequantized ``W̃`` is cached (per dtype/device) by default, so inference costs one dense
-GEMM plus two thin ones; ``cache_weight=False`` dequantizes in every forward to save memory.
+By default the dense ``W̃ + B A`` is cached (per dtype/device): inference then costs exactly one
+GEMM, like the original layer, for the memory of one dense weight. ``merge_lowrank=False`` caches
+``W̃`` alone and applies the low-rank term as two thin GEMMs; ``cache_weight=False`` keeps only
+the packed weight and dequantizes in every forward (the QPEFT base, where memory matters).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class QERALinear(nn.Module):
         B: torch.Tensor,
         bias: torch.Tensor | None = None,
         cache_weight: bool = True,
+        merge_lowrank: bool = True,
     ) -> None:
         super().__init__()
         out_f, in_f = qweight.shape
@@ -43,6 +46,7 @@ class QERALinear(nn.Module):
         self.B = nn.Parameter(B, requires_grad=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self.cache_weight = cache_weight
+        self.merge_lowrank = merge_lowrank
         self._w_cache: torch.Tensor | None = None
 
     # -- construction -------------------------------------------------------------------------
@@ -95,18 +99,25 @@ class QERALinear(nn.Module):
         return {"weight": 8 * q, "lowrank": 8 * lr}
 
     # -- forward --------------------------------------------------------------------------------
+    @property
+    def _merged(self) -> bool:
+        return self.cache_weight and self.merge_lowrank and self.rank > 0
+
     def _w(self, dtype: torch.dtype) -> torch.Tensor:
         c = self._w_cache
         if c is not None and c.dtype == dtype and c.device == self.A.device:
             return c
-        w = self.dequantized_weight(dtype)
+        if self._merged:  # W̃ + B A formed in float32, then cast once
+            w = (self.dequantized_weight(torch.float32) + self.B.float() @ self.A.float()).to(dtype)
+        else:
+            w = self.dequantized_weight(dtype)
         if self.cache_weight:
             self._w_cache = w
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self._w(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if self.rank:
+        if self.rank and not self._merged:
             y = y + F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
         return y
 
