@@ -17,15 +17,15 @@ def test_streaming_equals_one_shot():
     for part in x.split(257):
         stream.update(part.view(-1, 1, 32))
     assert stream.count == one.count == 3000
-    for k in ("abs", "sq"):  # float64 products: equal to float64 rounding
-        assert torch.allclose(stream.sums[k], one.sums[k], rtol=1e-12, atol=0)
+    for k in ("abs", "sq"):  # float32 chunk sums, float64 accumulation
+        assert torch.allclose(stream.sums[k], one.sums[k], rtol=1e-5, atol=0)
     scale = one.sums["xtx"].diagonal().max()  # xtx: fp32 products per chunk
     assert torch.allclose(stream.sums["xtx"], one.sums["xtx"], rtol=0, atol=1e-6 * float(scale))
     x64 = x.double()
     ref = x64.T @ x64 / 3000
     assert torch.allclose(one.autocorrelation(), ref, rtol=1e-6, atol=1e-6 * float(ref.diagonal().max()))
-    assert torch.allclose(one.mean_abs(), x64.abs().mean(0), rtol=1e-6)
-    assert torch.allclose(one.mean_sq(), (x64**2).mean(0), rtol=1e-6)
+    assert torch.allclose(one.mean_abs(), x64.abs().mean(0), rtol=1e-5)
+    assert torch.allclose(one.mean_sq(), (x64**2).mean(0), rtol=1e-5)
     assert one.sums["xtx"].dtype == torch.float64
 
 

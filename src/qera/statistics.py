@@ -7,8 +7,9 @@ For inputs ``x`` of shape ``(..., d)`` (rows masked out by padding excluded) we 
 - ``sq``     Σx_i²           → E[x_i²] per channel (QERA-approx)     shape (d,)
 - ``xtx``    Σxᵀx            → R = E[xᵀx] (QERA-exact)               shape (d, d)
 
-``Σxᵀx`` products are formed in float32 in row chunks and summed into float64 (streaming equals
-one-shot to float32 rounding of one chunk); the diagonal statistics are exact float64 sums. Accumulators live on the device of the first
+Per chunk of rows the sums are formed in float32 (one fused pass per diagonal statistic, one GEMM for
+``Σxᵀx``) and added into float64 accumulators, so streaming equals one-shot
+to float32 rounding of one chunk. Accumulators live on the device of the first
 batch: no host↔device copy per batch.
 """
 
@@ -75,21 +76,25 @@ class ActivationStats:
         if rows.shape[0] == 0:
             return
         self._R = None
-        if not torch.isfinite(rows).all():
-            raise QeraError(f"activation contains NaN/Inf{where(self.name)}")
         for kind in self.kinds:
             if kind not in self.sums:
                 self.sums[kind] = self._zeros(kind, rows.device)
         for chunk in rows.split(CHUNK_ROWS):
             c = chunk.to(torch.float32)
+            # One fused pass per statistic; NaN/Inf in x always reach these partial sums, so checking
+            # them (d or d² values) replaces a full pass over x.
+            parts: dict[str, torch.Tensor] = {}
             if "xtx" in self.kinds:
-                self.sums["xtx"].add_(c.T @ c)
-            if "sq" in self.kinds or "abs" in self.kinds:
-                c64 = chunk.to(torch.float64)  # diagonal statistics are cheap: exact float64 products
-                if "sq" in self.kinds:
-                    self.sums["sq"].add_((c64 * c64).sum(0))
-                if "abs" in self.kinds:
-                    self.sums["abs"].add_(c64.abs().sum(0))
+                parts["xtx"] = c.T @ c
+            if "sq" in self.kinds:
+                parts["sq"] = torch.linalg.vector_norm(c, 2, dim=0).square()
+            if "abs" in self.kinds:
+                parts["abs"] = torch.linalg.vector_norm(c, 1, dim=0)
+            for kind, part in parts.items():
+                if not torch.isfinite(part).all():
+                    raise QeraError(f"activation contains NaN/Inf{where(self.name)}")
+            for kind, part in parts.items():
+                self.sums[kind].add_(part)
         self.count += int(rows.shape[0])
 
     def merge(self, other: "ActivationStats") -> "ActivationStats":
