@@ -127,6 +127,14 @@ def _eval(args, model, tokenizer):
     return perplexity(model, tokenizer, text, args.seq_len, args.max_windows, progress=not args.no_progress)
 
 
+def _output_dir(args) -> Path:
+    """``--out`` as a path; refuse an existing one unless ``--overwrite`` (before any slow work)."""
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise QeraError(f"output {out} already exists; pass --overwrite to replace it")
+    return out
+
+
 def _emit(args, payload: dict, table: str) -> None:
     print(json.dumps(payload, indent=1) if args.json else table)
 
@@ -137,9 +145,7 @@ def cmd_quantize(args) -> int:
     from .checkpoint import save_quantized
     from .pipeline import quantize_model, stats_kinds_for
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise QeraError(f"output {out} already exists; pass --overwrite to replace it")
+    out = _output_dir(args)
     model, tok = _load(args)
     config = _config(args, args.format, args.method, args.rank)
     targets = find_targets(model, config.include, config.exclude)
@@ -167,9 +173,7 @@ def cmd_eval(args) -> int:
 def cmd_calibrate(args) -> int:
     from .calibration import collect_statistics, find_targets
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise QeraError(f"output {out} already exists; pass --overwrite to replace it")
+    out = _output_dir(args)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     model, tok = _load(args)
     targets = find_targets(model, args.include, args.exclude)
@@ -264,9 +268,7 @@ def cmd_finetune(args) -> int:
     from .pipeline import stats_kinds_for
     from .plots import plot_curves
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise QeraError(f"output {out} already exists; pass --overwrite to replace it")
+    out = _output_dir(args)
     train_cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
                             eval_steps=args.eval_steps, logging_steps=args.logging_steps, seed=args.seed)
     clm = args.task == "clm"
@@ -338,9 +340,7 @@ def cmd_output_error(args) -> int:
     from .models import load_encoder, load_model
     from .plots import plot_output_error
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise QeraError(f"output {out} already exists; pass --overwrite to replace it")
+    out = _output_dir(args)
     encoder = _is_encoder(args.model)
     loader = (lambda: load_encoder(args.model)[0]) if encoder else (lambda: load_model(args.model, cache=args.cache_dir)[0])
     model, tok = load_encoder(args.model) if encoder else load_model(args.model, cache=args.cache_dir)
