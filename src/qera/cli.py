@@ -360,8 +360,8 @@ def cmd_output_error(args) -> int:
                           title=f"{Path(args.model).name} {fmt}: output error before training")
     lines = [f"{'format':<16} {'init':<12} {'rank':>4} {'iters':>5} {'output MSE':>12} {'KL':>10}"]
     for r in rows:
-        lines.append(f"{r['format']:<16} {r['init']:<12} {r['rank']:>4} {r['iters'] or '-':>5} {r['logit_mse']:>12.5g} "
-                     f"{r.get('kl', float('nan')):>10.4g}")
+        kl = f"{r['kl']:.4g}" if "kl" in r else "-"  # encoders have no logits: MSE of hidden states only
+        lines.append(f"{r['format']:<16} {r['init']:<12} {r['rank']:>4} {r['iters'] or '-':>5} {r['logit_mse']:>12.5g} {kl:>10}")
     _emit(args, {"rows": rows}, "\n".join(lines))
     return 0
 
