@@ -7,6 +7,8 @@ found by a one-token probe forward. Rows where ``attention_mask == 0`` are exclu
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -114,16 +116,16 @@ def _runner(model: nn.Module, targets: Iterable[str]) -> nn.Module:
 
 def _forward(module: nn.Module, batch: Mapping[str, torch.Tensor], device: torch.device) -> None:
     inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    module(**inputs, use_cache=False) if "use_cache" in _forward_params(module) else module(**inputs)
+    module(**inputs, use_cache=False) if _accepts_use_cache(type(module)) else module(**inputs)
 
 
-def _forward_params(module: nn.Module) -> set[str]:
-    import inspect
-
+@functools.lru_cache(maxsize=None)
+def _accepts_use_cache(cls: type) -> bool:
+    """Whether ``cls.forward`` takes ``use_cache`` (checked once per class, not per batch)."""
     try:
-        return set(inspect.signature(module.forward).parameters)
+        return "use_cache" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
-        return set()
+        return False
 
 
 def group_shared_inputs(model: nn.Module, names: Sequence[str], batch: Mapping[str, torch.Tensor]) -> dict[str, str]:

@@ -16,6 +16,7 @@ not by patching it: :class:`QuantLoraLinear` is PEFT's LoRA ``Linear`` over a ``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -58,14 +59,10 @@ def _lora_linear_cls():
     return QuantLoraLinear
 
 
-_CLS_CACHE: dict[str, type] = {}
-
-
+@functools.lru_cache(maxsize=1)
 def quant_lora_linear() -> type:
     """The :class:`QuantLoraLinear` class (built lazily so that importing qera needs no PEFT)."""
-    if "cls" not in _CLS_CACHE:
-        _CLS_CACHE["cls"] = _lora_linear_cls()
-    return _CLS_CACHE["cls"]
+    return _lora_linear_cls()
 
 
 def register_qera_modules(lora_config) -> Any:

@@ -189,11 +189,9 @@ def solve_layers(
         else:
             method.check(W, rank, st, name)
             rec = method.solve(W, q0, rank, st, fmt, name)
-        if rec.qweight is None:
-            rec.qweight = q0
         dt = time.perf_counter() - t0
         R = st.autocorrelation() if output_error and st is not None and "xtx" in st.kinds else None
-        w_q0 = q0.dequantize(torch.float32)
+        w_q0 = rec.w_q if rec.qweight is q0 else q0.dequantize(torch.float32)  # LoftQ replaces W̃
         out_f, in_f = W.shape
         r = rec.rank
         yield name, rec, LayerReport(
