@@ -1,5 +1,6 @@
 """Mean ± std of the final (and step-0) eval metric per task/setting/init, and one curves PNG per
-task/setting, from the result.json files written by experiments/qpeft_glue.sh.
+task/setting (mean ± std over seeds, the 16-bit reference included), from the result.json files
+written by experiments/qpeft_glue.sh or experiments/qpeft_clm.sh.
 
     python experiments/summarize_glue.py runs/qpeft_glue
 """
@@ -12,7 +13,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from qera.plots import plot_curves
+from qera.plots import plot_seed_curves
 
 
 def main(root: str) -> None:
@@ -29,11 +30,16 @@ def main(root: str) -> None:
         print(f"{task:<5} {setting:<16} {init:<12} {len(runs):>5} "
               f"{statistics.mean(ini):>8.4f} ± {sd(ini):.4f} {statistics.mean(fin):>8.4f} ± {sd(fin):.4f}")
     by_plot: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(dict)
-    for (task, setting, init), runs in groups.items():
-        by_plot[(task, setting)][init] = runs[0]["history"]
+    for (task, setting, init), runs in sorted(groups.items()):
+        by_plot[(task, setting)][init] = runs
+    reference = {task: runs for (task, setting), runs in by_plot.items() if setting.startswith("lora16")}
     for (task, setting), runs in by_plot.items():
-        metric = next(iter(groups[(task, setting, next(iter(runs)))]))["metric"]
-        plot_curves(runs, metric, Path(root) / f"curves_{task}_{setting}.png", title=f"MiniLM-L6 {task} {setting} (seed 0)")
+        if setting.startswith("lora16"):
+            continue
+        runs = {**runs, **{f"16-bit {k}": v for k, v in reference.get(task, {}).items()}}
+        metric = next(iter(runs.values()))[0]["metric"]
+        model = next(iter(runs.values()))[0].get("model", "")
+        plot_seed_curves(runs, metric, Path(root) / f"curves_{task}_{setting}.png", title=f"{model} {task} {setting}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ pytest.importorskip("peft")
 from qera.cli import main  # noqa: E402
 from qera.errors import QeraError  # noqa: E402
 from qera.glue import read_task, regression_metrics, classification_metrics  # noqa: E402
-from tiny import TEXT, byte_tokenizer, tiny_llama  # noqa: E402
+from tiny import TEXT, byte_tokenizer, tiny_bert_dir, tiny_llama  # noqa: E402
 
 
 def write(path, text):
@@ -97,3 +97,54 @@ def test_output_error_cli(tmp_path, capsys):
     assert err[("qera-exact", 8, None)] < err[("qera-exact", 2, None)]
     assert err[("qlora", 2, None)] == err[("qlora", 8, None)]  # B = 0: rank does not matter
     assert (tmp_path / "oe" / "output_error_mxint3.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "oe" / "output_error.json").read_text())
+    assert saved["complete"] and len(saved["rows"]) == len(rows)
+
+
+def test_loftq_sweep_matches_peft_model_at_every_iteration():
+    """One LoftQ run measures each iteration count; each equals a PEFT model initialized with that many."""
+    from qera.analysis import _outputs, compare_outputs, output_error_sweep
+    from qera.peft import QPEFTConfig, prepare_qpeft_model
+
+    load = lambda: tiny_llama(seed=0)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 256, (2, 16), generator=g)}]
+    rows = output_error_sweep(load, "mxint3", None, batches, inits=["loftq"], ranks=[4], loftq_iters=3, progress=False)
+    assert [r["iters"] for r in rows] == [1, 2, 3]
+    ref = _outputs(load(), batches)
+    for r in rows:
+        cfg = QPEFTConfig(format="mxint3", init="loftq", rank=4, alpha=8.0, init_options={"iters": r["iters"]})
+        model, _ = prepare_qpeft_model(load(), cfg, progress=False)
+        direct = compare_outputs(_outputs(model, batches), ref, logits=True)
+        assert abs(direct["logit_mse"] - r["logit_mse"]) <= 1e-5 * direct["logit_mse"]
+
+
+def test_seed_curves_average_over_seeds(tmp_path):
+    from qera.plots import _mean_std, plot_seed_curves
+
+    steps, mean, std = _mean_std([[(0, 1.0), (10, 3.0)], [(0, 3.0), (10, 5.0), (20, 9.0)]])
+    assert steps == [0, 10] and mean == [2.0, 4.0] and std == [1.0, 1.0]  # step 20 is not in every run
+    run = lambda s: {"initial": {"eval_f1": 0.5}, "history": [{"step": 5, "loss": 1.0 + s},  # noqa: E731
+                                                             {"step": 5, "eval_f1": 0.6 + s}]}
+    path = plot_seed_curves({"qlora": [run(0.0), run(0.1)]}, "f1", tmp_path / "c.png")
+    assert path.stat().st_size > 1000
+
+
+def test_classifier_finetune_is_reproducible_per_seed(tmp_path):
+    """Same seed: the same classification head, data order and result; another seed differs."""
+    d = tiny_bert_dir(tmp_path / "bert")
+    rows = "".join(f"{'good fine' if i % 2 else 'bad awful'} {i}\t{i % 2}\n" for i in range(24))
+    tsv = write(tmp_path / "train.tsv", "sentence\tlabel\n" + rows)
+
+    def run(seed: int, name: str) -> dict:
+        code = main(["finetune", str(d), "--task", "sst2", "--train", str(tsv), "--eval", str(tsv), "--init", "qera-approx",
+                     "--format", "mxint4", "--rank", "4", "--calib-text", str(write(tmp_path / "c.txt", TEXT)),
+                     "--calib-samples", "4", "--calib-seq-len", "32", "--epochs", "1", "--batch-size", "8",
+                     "--seed", str(seed), "--out", str(tmp_path / name), "--no-progress"])
+        assert code == 0
+        return json.loads((tmp_path / name / "result.json").read_text())
+
+    a, b, c = run(0, "a"), run(0, "b"), run(1, "c")
+    losses = lambda r: [h["loss"] for h in r["history"] if "loss" in h and "eval_loss" not in h]  # noqa: E731
+    assert a["initial"]["eval_loss"] == b["initial"]["eval_loss"] and losses(a) == losses(b)
+    assert a["initial"]["eval_loss"] != c["initial"]["eval_loss"]

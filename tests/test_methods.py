@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qera import (
-    METHODS, ActivationStats, QeraError, SolverOptions, layer_output_error, quantize_and_reconstruct,
+    METHODS, ActivationStats, QeraError, SolverOptions, get_method, layer_output_error, quantize_and_reconstruct,
     quantize_weight, reconstruct, weight_error, weighted_lowrank,
 )
 from qera.linalg import lowrank_objective, optimal_objective, psd_factor
@@ -149,6 +149,17 @@ def test_loftq(problem):
     assert not torch.equal(rec5.w_q, qw.dequantize())  # the quantized weight changed
     assert torch.equal(rec5.qweight.dequantize(), rec5.w_q)
     assert weight_error(W, rec5.w_q, rec5.A, rec5.B) < weight_error(W, qw)
+
+
+def test_loftq_path_yields_every_iteration(problem):
+    W, _ = problem
+    method = get_method("loftq", iters=4)
+    path = list(method.solve_path(W, quantize_weight(W, "mxint3"), 8))
+    assert len(path) == 4
+    for t, rec in enumerate(path, start=1):
+        ref = quantize_and_reconstruct(W, "mxint3", "loftq", 8, iters=t)
+        torch.testing.assert_close(rec.B @ rec.A, ref.B @ ref.A)
+        assert torch.equal(rec.w_q, ref.w_q)
 
 
 def test_psd_factor_floors_singular_matrix(caplog):

@@ -43,3 +43,15 @@ TEXT = (
     "not random: it has structure that a low-rank matrix can capture, and the inputs of a layer "
     "are far from isotropic, so the error that matters is the one seen through the activations. "
 ) * 40
+
+
+def tiny_bert_dir(path, seed: int = 0):
+    """Save a tiny random BERT encoder and the byte tokenizer to ``path``; returns the path."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=259, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=96, max_position_embeddings=128, pad_token_id=258)
+    torch.manual_seed(seed)
+    BertModel(cfg).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path

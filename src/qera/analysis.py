@@ -10,8 +10,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .calibration import CalibrationStats
+from .calibration import CalibrationStats, find_targets
+from .formats import parse_format
+from .methods import get_method
+from .modules import QERALinear
 from .peft import QPEFTConfig, prepare_qpeft_model
+from .pipeline import replace_module
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,41 @@ def compare_outputs(outs: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], l
     return out
 
 
+def _loftq_outputs(
+    load_model: Callable[[], torch.nn.Module], fmt: str, rank: int, iters: int, eval_batches: Sequence[dict], seed: int,
+) -> list[tuple[list[torch.Tensor], float]]:
+    """Outputs of the LoftQ-initialized model after each of ``1..iters`` iterations, in one LoftQ run.
+
+    At step 0 the PEFT model computes ``x (W̃_t + B_t A_t)ᵀ`` (tested in ``tests/test_peft.py``), so each
+    iteration's model is built directly from ``(W̃_t, A_t, B_t)``. Returns ``[(outputs, solve seconds so far)]``.
+    """
+    cfg = QPEFTConfig(format=fmt, init="loftq", rank=rank, init_options={"iters": iters}, seed=seed)
+    qcfg = cfg.quant_config()
+    method, wfmt = get_method("loftq", **qcfg.solver_options()), parse_format(fmt)
+    model = load_model()
+    targets = find_targets(model, qcfg.include, qcfg.exclude)
+    paths: dict[str, list[tuple]] = {}
+    elapsed = [0.0] * iters
+    for name, lin in targets.items():
+        W = lin.weight.detach()
+        method.check(W, rank, None, name)
+        t0 = time.perf_counter()
+        paths[name] = []
+        for t, rec in enumerate(method.solve_path(W, wfmt.quantize(W, name), rank, None, wfmt, name)):
+            paths[name].append((rec.qweight, rec.A, rec.B))
+            elapsed[t] += time.perf_counter() - t0
+    del model
+    results = []
+    for t in range(iters):
+        model = load_model()
+        for name, lin in find_targets(model, qcfg.include, qcfg.exclude).items():
+            qw, A, B = paths[name][t]
+            replace_module(model, name, QERALinear(qw, A, B, lin.bias, cache_weight=True))
+        results.append((_outputs(model, eval_batches), elapsed[t]))  # elapsed[t]: cumulative to iteration t + 1
+        del model
+    return results
+
+
 def output_error_sweep(
     load_model: Callable[[], torch.nn.Module],
     fmt: str,
@@ -45,31 +84,46 @@ def output_error_sweep(
     eval_batches: Sequence[dict],
     inits: Sequence[str] = ("qlora", "loftq", "qera-approx", "qera-exact"),
     ranks: Sequence[int] = (4, 8, 16, 32),
-    loftq_iters: Sequence[int] = (1, 2, 3, 4, 5),
+    loftq_iters: int = 5,
     progress: bool = True,
+    on_row: Callable[[dict], None] | None = None,
+    seed: int = 0,
 ) -> list[dict]:
-    """Output error vs the full-precision model for each (init, rank[, LoftQ iterations]).
+    """Output error vs the full-precision model for each (init, rank[, LoftQ iterations 1..loftq_iters]).
 
     ``load_model`` returns a fresh full-precision model each call (it is quantized in place).
+    ``on_row`` is called with each row as soon as it is measured (e.g. to save partial results).
+    LoftQ runs once per rank with ``loftq_iters`` iterations; every iteration's model is measured.
     """
     ref_model = load_model()
     ref = _outputs(ref_model, eval_batches)
     is_logits = getattr(ref_model(**{k: v[:1, :2] for k, v in eval_batches[0].items()}), "logits", None) is not None
     del ref_model
-    jobs = []
-    for init in inits:
-        for rank in ([ranks[0]] if init == "qlora" else ranks):
-            for iters in (loftq_iters if init == "loftq" else [None]):
-                jobs.append((init, rank, iters))
-    rows = []
-    for init, rank, iters in tqdm(jobs, desc=f"output error {fmt}", disable=not progress):
-        t0 = time.perf_counter()
-        cfg = QPEFTConfig(format=fmt, init=init, rank=rank, init_options={"iters": iters} if iters else {})
-        model, _ = prepare_qpeft_model(load_model(), cfg, stats=stats, progress=False)
-        row = {"format": fmt, "init": init, "rank": rank, "iters": iters,
-               **compare_outputs(_outputs(model, eval_batches), ref, is_logits), "seconds": time.perf_counter() - t0}
+    jobs = [(init, rank) for init in inits for rank in ([ranks[0]] if init == "qlora" else ranks)]
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
         rows.append(row)
         log.info("%s", row)
+        if on_row is not None:
+            on_row(row)
+
+    for init, rank in tqdm(jobs, desc=f"output error {fmt}", disable=not progress):
+        base = {"format": fmt, "init": init, "rank": rank}
+        if init == "loftq":
+            for t, (outs, seconds) in enumerate(
+                _loftq_outputs(load_model, fmt, rank, loftq_iters, eval_batches, seed), start=1
+            ):
+                emit({**base, "iters": t, **compare_outputs(outs, ref, is_logits), "solve_seconds": seconds})
+            continue
+        t0 = time.perf_counter()
+        cfg = QPEFTConfig(format=fmt, init=init, rank=rank, seed=seed)
+        model, _ = prepare_qpeft_model(load_model(), cfg, stats=stats, progress=False)
+        solve_s = time.perf_counter() - t0
+        row = {**base, "iters": None, **compare_outputs(_outputs(model, eval_batches), ref, is_logits), "solve_seconds": solve_s}
+        del model
+        emit(row)
         if init == "qlora":  # rank does not change QLoRA's step-0 output (B = 0)
-            rows.extend({**row, "rank": r} for r in ranks[1:])
+            for r in ranks[1:]:
+                emit({**row, "rank": r})
     return rows

@@ -280,7 +280,7 @@ def cmd_finetune(args) -> int:
         spec = TASKS.get(args.task)
         train = read_task(args.task, args.train, args.max_train_samples, args.seed)
         evaluation = read_task(args.task, args.eval, args.max_eval_samples, args.seed)
-        model, tok = load_encoder(args.model, num_labels=spec.num_labels)
+        model, tok = load_encoder(args.model, num_labels=spec.num_labels, seed=args.seed)
         task_type, save_modules = "SEQ_CLS", ["classifier", "pooler"]
     if args.init == "lora":  # 16-bit LoRA reference: no quantization
         from peft import LoraConfig, get_peft_model
@@ -349,12 +349,16 @@ def cmd_output_error(args) -> int:
     evaluation = _text_batches(args, tok, _source(args.eval_text, None), "evaluation", args.eval_samples, args.eval_seq_len, args.seed + 1)
     ranks = [int(r) for r in args.ranks.split(",")]
     inits = [i.strip() for i in args.inits.split(",")]
-    rows = []
+    rows: list[dict] = []
+
+    def save_row(row: dict) -> None:  # partial results survive an interrupted sweep
+        rows.append(row)
+        write_result({"model": args.model, "complete": False, "rows": rows}, out / "output_error.json")
+
     for fmt in args.formats.split(","):
-        rows += output_error_sweep(loader, fmt, stats, evaluation, inits, ranks, range(1, args.loftq_iters + 1),
-                                   progress=not args.no_progress)
-    out.mkdir(parents=True, exist_ok=True)
-    write_result({"model": args.model, "rows": rows}, out / "output_error.json")
+        output_error_sweep(loader, fmt, stats, evaluation, inits, ranks, args.loftq_iters,
+                           progress=not args.no_progress, on_row=save_row, seed=args.seed)
+    write_result({"model": args.model, "complete": True, "rows": rows}, out / "output_error.json")
     for fmt in args.formats.split(","):
         plot_output_error([r for r in rows if r["format"] == fmt], out / f"output_error_{fmt.replace(':', '_')}.png",
                           title=f"{Path(args.model).name} {fmt}: output error before training")

@@ -104,8 +104,12 @@ def convert_gguf(gguf: Path, cache: str | os.PathLike | None = None) -> Path:
     return target
 
 
-def load_encoder(source: str, num_labels: int | None = None, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` of an encoder: with ``num_labels`` a sequence classifier (new head), else the bare encoder."""
+def load_encoder(source: str, num_labels: int | None = None, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """``(model, tokenizer)`` of an encoder: with ``num_labels`` a sequence classifier, else the bare encoder.
+
+    The new classification head is drawn from ``seed`` (the caller's global RNG is left untouched),
+    so runs with the same seed start from the same head whatever the adapter init.
+    """
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     where = resolve_source(source)
@@ -114,7 +118,11 @@ def load_encoder(source: str, num_labels: int | None = None, dtype: torch.dtype 
         if num_labels is None:
             model = AutoModel.from_pretrained(str(where), dtype=dtype)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(str(where), num_labels=num_labels, dtype=dtype)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    str(where), num_labels=num_labels, dtype=dtype
+                )
     except OSError as exc:
         raise QeraError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}") from None
     return model, tok

@@ -32,6 +32,44 @@ def plot_curves(runs: Mapping[str, Sequence[dict]], metric: str, path: str | Pat
     return _save(fig, plt, path)
 
 
+def _mean_std(series: Sequence[Sequence[tuple[float, float]]]) -> tuple[list[float], list[float], list[float]]:
+    """Steps present in every series, with the mean and standard deviation of the values there."""
+    import statistics
+
+    common = set.intersection(*(set(x for x, _ in s) for s in series)) if series else set()
+    steps = sorted(common)
+    vals = [[dict(s)[x] for s in series] for x in steps]
+    return steps, [statistics.fmean(v) for v in vals], [statistics.pstdev(v) for v in vals]
+
+
+def plot_seed_curves(groups: Mapping[str, Sequence[dict]], metric: str, path: str | Path, title: str = "") -> Path:
+    """Like :func:`plot_curves`, over several seeds: mean line and ±1 std band per label.
+
+    ``groups`` maps a label to run results (``result.json`` contents: ``history`` and ``initial``);
+    the eval curve starts at step 0 (``initial``), where the initializations differ.
+    """
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    key = "eval_" + metric
+    for label, runs in groups.items():
+        tr = [[(h["step"], h["loss"]) for h in r["history"] if "loss" in h and key not in h] for r in runs]
+        ev = [[(0, r["initial"][key])] * ("initial" in r) + [(h["step"], h[key]) for h in r["history"] if key in h]
+              for r in runs]
+        for ax, series in ((ax1, tr), (ax2, ev)):
+            steps, mean, std = _mean_std([s for s in series if s])
+            if not steps:
+                continue
+            (line,) = ax.plot(steps, mean, marker="o" if ax is ax2 else None, label=f"{label} (n={len(runs)})")
+            ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                            color=line.get_color(), alpha=0.15)
+    ax1.set(xlabel="step", ylabel="train loss", title="training loss (mean ± std over seeds)")
+    ax2.set(xlabel="step", ylabel=metric, title=f"eval {metric} (mean ± std over seeds)")
+    if metric == "perplexity":
+        ax2.set_yscale("log")
+    _finish(fig, (ax1, ax2), title)
+    return _save(fig, plt, path)
+
+
 def _finish(fig, axes, title: str) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
 from ..errors import QeraError, where
@@ -31,7 +33,10 @@ class LoftQ(Method):
     def solve_error(self, D, rank, stats, name):
         return weighted_lowrank(D, rank, opts=self.solver)
 
-    def solve(self, W, qweight, rank, stats=None, fmt: WeightFormat | None = None, name=None) -> Reconstruction:
+    def solve_path(
+        self, W, qweight, rank, stats=None, fmt: WeightFormat | None = None, name=None
+    ) -> Iterator[Reconstruction]:
+        """Yield the reconstruction after each of the ``iters`` iterations (the last one is :meth:`solve`'s)."""
         if fmt is None:
             if not isinstance(qweight, QuantizedWeight):
                 raise QeraError(f"loftq re-quantizes the weight: pass a QuantizedWeight or fmt={where(name)}")
@@ -40,7 +45,13 @@ class LoftQ(Method):
         if not isinstance(qweight, QuantizedWeight):  # iteration 1 is W̃ = q(W) whatever was passed
             qweight = fmt.quantize(W32, name)
         rec = super().solve(W, qweight, rank, stats, fmt, name)
+        yield rec
         for _ in range(self.iters - 1):
             qw = fmt.quantize(W32 - rec.B @ rec.A, name)
             rec = super().solve(W, qw, rank, stats, fmt, name)
+            yield rec
+
+    def solve(self, W, qweight, rank, stats=None, fmt: WeightFormat | None = None, name=None) -> Reconstruction:
+        for rec in self.solve_path(W, qweight, rank, stats, fmt, name):
+            pass
         return rec
