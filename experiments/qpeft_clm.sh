@@ -10,8 +10,8 @@ OUT=${1:-runs/qpeft_clm}
 DATA=${QERA_DATA:-../shared/data}
 QERA=${QERA:-.venv/bin/qera}
 MODEL=${MODEL:-smollm2-135m}; FMT=${FMT:-mxint2:block=16}; RANK=${RANK:-16}
-SEEDS=${SEEDS:-0}; TRAIN=${TRAIN:-128}; EVAL=${EVAL:-32}; SEQ=${SEQ:-256}; EPOCHS=${EPOCHS:-1}
-EVAL_STEPS=${EVAL_STEPS:-4}; LR=${LR:-5e-4}; BATCH=${BATCH:-8}
+SEEDS=${SEEDS:-0}; TRAIN=${TRAIN:-64}; EVAL=${EVAL:-16}; SEQ=${SEQ:-256}; EPOCHS=${EPOCHS:-1}
+EVAL_STEPS=${EVAL_STEPS:-4}; LR=${LR:-5e-4}; BATCH=${BATCH:-4}
 common=(--no-progress --overwrite --task clm --train "$DATA/wikitext-2/wiki.valid.tokens"
         --eval "$DATA/wikitext-2-raw/wiki.test.raw" --seq-len "$SEQ" --max-train-samples "$TRAIN"
         --max-eval-samples "$EVAL" --epochs "$EPOCHS" --batch-size "$BATCH" --lr "$LR" --eval-steps "$EVAL_STEPS"

@@ -87,22 +87,28 @@ def _save(fig, plt, path) -> Path:
 
 
 def plot_output_error(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    """Output error vs rank per init (left) and LoftQ error vs iterations per rank (right)."""
+    """Output error vs rank per init (left) and LoftQ error vs iterations per rank (right).
+
+    One row of panels per metric: the output MSE, and the KL to the full-precision model when the
+    rows have it (causal LMs; logits are only defined up to a per-token shift, which KL ignores).
+    """
     plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    metrics = [("logit_mse", "output MSE")] + ([("kl", "KL(fp ‖ init)")] if rows and all("kl" in r for r in rows) else [])
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(11, 4 * len(metrics)), squeeze=False)
     last_iter = max((r["iters"] for r in rows if r["init"] == "loftq"), default=None)
-    for init in sorted({r["init"] for r in rows}):
-        pts = sorted((r["rank"], r["logit_mse"]) for r in rows
-                     if r["init"] == init and (init != "loftq" or r["iters"] == last_iter))
-        ax1.plot(*zip(*pts), marker="o", label=f"loftq ({last_iter} it.)" if init == "loftq" else init)
-    for rank in sorted({r["rank"] for r in rows if r["init"] == "loftq"}):
-        pts = sorted((r["iters"], r["logit_mse"]) for r in rows if r["init"] == "loftq" and r["rank"] == rank)
-        ax2.plot(*zip(*pts), marker="o", label=f"rank {rank}")
     ranks = sorted({r["rank"] for r in rows})
-    ax1.set(xlabel="rank", ylabel="output MSE", yscale="log", title="output error before training")
-    ax1.set_xscale("log", base=2)
-    ax1.set_xticks(ranks, [str(r) for r in ranks])
-    ax2.set(xlabel="LoftQ iterations", ylabel="output MSE", yscale="log", title="LoftQ")
-    ax2.xaxis.get_major_locator().set_params(integer=True)
-    _finish(fig, (ax1, ax2), title)
+    for (key, label), (ax1, ax2) in zip(metrics, axes):
+        for init in sorted({r["init"] for r in rows}):
+            pts = sorted((r["rank"], r[key]) for r in rows
+                         if r["init"] == init and (init != "loftq" or r["iters"] == last_iter))
+            ax1.plot(*zip(*pts), marker="o", label=f"loftq ({last_iter} it.)" if init == "loftq" else init)
+        for rank in sorted({r["rank"] for r in rows if r["init"] == "loftq"}):
+            pts = sorted((r["iters"], r[key]) for r in rows if r["init"] == "loftq" and r["rank"] == rank)
+            ax2.plot(*zip(*pts), marker="o", label=f"rank {rank}")
+        ax1.set(xlabel="rank", ylabel=label, yscale="log", title=f"{label} before training")
+        ax1.set_xscale("log", base=2)
+        ax1.set_xticks(ranks, [str(r) for r in ranks])
+        ax2.set(xlabel="LoftQ iterations", ylabel=label, yscale="log", title=f"LoftQ: {label}")
+        ax2.xaxis.get_major_locator().set_params(integer=True)
+    _finish(fig, axes.ravel(), title)
     return _save(fig, plt, path)
