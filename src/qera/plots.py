@@ -32,6 +32,15 @@ def plot_curves(runs: Mapping[str, Sequence[dict]], metric: str, path: str | Pat
     return _save(fig, plt, path)
 
 
+_INIT_ORDER = ("qlora", "loftq", "zeroquant-v2", "lqer", "qera-approx", "qera-exact", "lora")
+
+
+def _color(label: str) -> str | None:
+    """A fixed colour per adapter init, so the same method looks the same in every figure."""
+    name = label.split(" (")[0].removeprefix("16-bit ")
+    return f"C{_INIT_ORDER.index(name)}" if name in _INIT_ORDER else None
+
+
 def _mean_std(series: Sequence[Sequence[tuple[float, float]]]) -> tuple[list[float], list[float], list[float]]:
     """Steps present in every series, with the mean and standard deviation of the values there."""
     import statistics
@@ -59,7 +68,8 @@ def plot_seed_curves(groups: Mapping[str, Sequence[dict]], metric: str, path: st
             steps, mean, std = _mean_std([s for s in series if s])
             if not steps:
                 continue
-            (line,) = ax.plot(steps, mean, marker="o" if ax is ax2 else None, label=f"{label} (n={len(runs)})")
+            (line,) = ax.plot(steps, mean, marker="o" if ax is ax2 else None, label=f"{label} (n={len(runs)})",
+                              color=_color(label))
             ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
                             color=line.get_color(), alpha=0.15)
     ax1.set(xlabel="step", ylabel="train loss", title="training loss (mean ± std over seeds)")
@@ -101,7 +111,8 @@ def plot_output_error(rows: Sequence[dict], path: str | Path, title: str = "") -
         for init in sorted({r["init"] for r in rows}):
             pts = sorted((r["rank"], r[key]) for r in rows
                          if r["init"] == init and (init != "loftq" or r["iters"] == last_iter))
-            ax1.plot(*zip(*pts), marker="o", label=f"loftq ({last_iter} it.)" if init == "loftq" else init)
+            ax1.plot(*zip(*pts), marker="o", label=f"loftq ({last_iter} it.)" if init == "loftq" else init,
+                     color=_color(init))
         for rank in sorted({r["rank"] for r in rows if r["init"] == "loftq"}):
             pts = sorted((r["iters"], r[key]) for r in rows if r["init"] == "loftq" and r["rank"] == rank)
             ax2.plot(*zip(*pts), marker="o", label=f"rank {rank}")
