@@ -37,7 +37,7 @@ _INIT_ORDER = ("qlora", "loftq", "zeroquant-v2", "lqer", "qera-approx", "qera-ex
 
 def _color(label: str) -> str | None:
     """A fixed colour per adapter init, so the same method looks the same in every figure."""
-    name = label.split(" (")[0].removeprefix("16-bit ")
+    name = label.removeprefix("16-bit ")
     return f"C{_INIT_ORDER.index(name)}" if name in _INIT_ORDER else None
 
 
