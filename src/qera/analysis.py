@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .calibration import CalibrationStats, find_targets
 from .formats import parse_format
 from .methods import get_method
 from .modules import QERALinear
 from .peft import QPEFTConfig, prepare_qpeft_model
-from .pipeline import replace_module
+from .statistics import CalibrationStats
+from .targets import find_targets, linear_weight, replace_module
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _loftq_outputs(
     paths: dict[str, list[tuple]] = {}
     elapsed = [0.0] * iters
     for name, lin in targets.items():
-        W = lin.weight.detach()
+        W = linear_weight(lin).detach()
         method.check(W, rank, None, name)
         t0 = time.perf_counter()
         paths[name] = []
@@ -71,7 +71,7 @@ def _loftq_outputs(
         model = load_model()
         for name, lin in find_targets(model, qcfg.include, qcfg.exclude).items():
             qw, A, B = paths[name][t]
-            replace_module(model, name, QERALinear(qw, A, B, lin.bias, cache_weight=True))
+            replace_module(model, name, QERALinear(qw, A, B, getattr(lin, "bias", None), cache_weight=True))
         results.append((_outputs(model, eval_batches), elapsed[t]))  # elapsed[t]: cumulative to iteration t + 1
         del model
     return results

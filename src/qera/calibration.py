@@ -1,19 +1,14 @@
-"""Calibration: find target layers, group layers that share an input, collect statistics.
+"""One-shot calibration: run the whole model over calibration batches with statistics recorded.
 
-Hooks are forward pre-hooks on the target ``nn.Linear`` modules, always removed in ``finally``.
-Layers fed the very same input tensor (q/k/v; gate/up) share one :class:`ActivationStats`,
-found by a one-token probe forward. Rows where ``attention_mask == 0`` are excluded.
+The hooks live in :mod:`qera.recording`; this module only knows how to run a model from
+``input_ids`` (and its ``attention_mask``) and which sub-model to run.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
-import os
-import re
-from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -21,89 +16,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import QeraError
-from .statistics import ActivationStats, load_stats, load_stats_extra, save_stats
+from .recording import probe_shared_inputs, record_statistics
+from .statistics import CalibrationStats
+from .targets import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, find_targets
 
 log = logging.getLogger(__name__)
 
-# Every nn.Linear inside numbered decoder blocks (model.layers.N, model.decoder.layers.N,
-# transformer.h.N, blocks.N, encoder.layer.N); never the LM head or embeddings.
-DEFAULT_INCLUDE = (r"(^|\.)(layers|layer|h|blocks)\.\d+\.",)
-DEFAULT_EXCLUDE = (r"(^|\.)lm_head$", r"embed", r"(^|\.)(classifier|score|pooler)(\.|$)")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+__all__ = [
+    "CalibrationStats", "DEFAULT_EXCLUDE", "DEFAULT_INCLUDE", "collect_statistics", "find_targets",
+    "group_shared_inputs", "run_model", "runner_for", "row_mask",
+]
 
 
-def find_targets(
-    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
-) -> dict[str, nn.Linear]:
-    """Named ``nn.Linear`` modules whose name matches an ``include`` regex and no ``exclude`` regex."""
-    inc = [re.compile(p) for p in (include or DEFAULT_INCLUDE)]
-    exc = [re.compile(p) for p in (DEFAULT_EXCLUDE if exclude is None else exclude)]
-    out = {
-        name: mod
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and any(p.search(name) for p in inc) and not any(p.search(name) for p in exc)
-    }
-    if not out:
-        raise QeraError(
-            f"no nn.Linear layer matches the target patterns {[p.pattern for p in inc]} "
-            f"(excluding {[p.pattern for p in exc]})"
-        )
-    return out
-
-
-@dataclass
-class CalibrationStats:
-    """Statistics per distinct layer input; ``groups`` maps every layer name to its input's key."""
-
-    stats: dict[str, ActivationStats]
-    groups: dict[str, str]
-    extra: dict = field(default_factory=dict)
-
-    def __getitem__(self, layer: str) -> ActivationStats:
-        try:
-            return self.stats[self.groups[layer]]
-        except KeyError:
-            raise QeraError(f"no calibration statistics for layer {layer}") from None
-
-    def __contains__(self, layer: str) -> bool:
-        return layer in self.groups and self.groups[layer] in self.stats
-
-    @property
-    def kinds(self) -> frozenset[str]:
-        return frozenset.intersection(*(s.kinds for s in self.stats.values())) if self.stats else frozenset()
-
-    @property
-    def tokens(self) -> int:
-        return max((s.count for s in self.stats.values()), default=0)
-
-    def release(self, layer: str, done: set[str]) -> None:
-        """Free a statistic once every layer sharing it is in ``done``."""
-        key = self.groups.get(layer)
-        if key is not None and all(l in done for l, k in self.groups.items() if k == key):
-            self.stats.pop(key, None)
-
-    def save(self, path: str | os.PathLike) -> None:
-        save_stats(self.stats, path, extra={**self.extra, "groups": json.dumps(self.groups)})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "CalibrationStats":
-        stats = load_stats(path, device)
-        extra = load_stats_extra(path)
-        groups = json.loads(extra.pop("groups", "{}")) or {k: k for k in stats}
-        return cls(stats, groups, extra)
-
-
-class _InputCapture:
-    """Pre-hook target: records inputs (probe) or updates statistics (collection)."""
-
-    def __init__(self) -> None:
-        self.mask: torch.Tensor | None = None
-
-    @staticmethod
-    def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
-        return args[0] if args else kwargs["input"]
-
-
-def _runner(model: nn.Module, targets: Iterable[str]) -> nn.Module:
+def runner_for(model: nn.Module, targets: Iterable[str]) -> nn.Module:
     """The smallest sub-model to run: the decoder when every target lives inside it (skips the LM head)."""
     get_decoder = getattr(model, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else None
@@ -112,11 +39,6 @@ def _runner(model: nn.Module, targets: Iterable[str]) -> nn.Module:
         if prefix and all(t.startswith(prefix + ".") for t in targets):
             return decoder
     return model
-
-
-def _forward(module: nn.Module, batch: Mapping[str, torch.Tensor], device: torch.device) -> None:
-    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    module(**inputs, use_cache=False) if _accepts_use_cache(type(module)) else module(**inputs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,32 +50,37 @@ def _accepts_use_cache(cls: type) -> bool:
         return False
 
 
+def run_model(module: nn.Module, batch: Mapping[str, torch.Tensor], device: torch.device | str) -> object:
+    """``module(**batch)`` with the model inputs moved to ``device`` and the KV cache off."""
+    inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
+    if _accepts_use_cache(type(module)):
+        return module(**inputs, use_cache=False)
+    return module(**inputs)
+
+
+def row_mask(batch: Mapping[str, torch.Tensor], device: torch.device | str) -> torch.Tensor | None:
+    """The rows to keep (``attention_mask != 0``), or None when no row is padding."""
+    m = batch.get("attention_mask")
+    return None if m is None or bool(m.all()) else m.to(device).bool()
+
+
+def probe_batch(batch: Mapping[str, torch.Tensor], tokens: int = 4) -> dict[str, torch.Tensor]:
+    """The first few tokens of the first row: enough to see which layers share an input."""
+    return {k: v[:1, : min(v.shape[1], tokens)] for k, v in batch.items() if torch.is_tensor(v) and v.dim() == 2}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next((p for p in model.parameters() if p.device.type != "meta"), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def group_shared_inputs(model: nn.Module, names: Sequence[str], batch: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Map each target to the first target (in module order) that receives the identical input tensor."""
     modules = dict(model.named_modules())
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    probe = {k: v[:1, : min(v.shape[1], 4)] for k, v in batch.items() if torch.is_tensor(v) and v.dim() == 2}
-    try:
-        for name in names:
-            def hook(mod, args, kwargs, name=name):
-                seen[name] = _InputCapture.first_input(args, kwargs)
-            handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
-        with torch.no_grad():
-            _forward(_runner(model, names), probe, next(model.parameters()).device)
-    finally:
-        for h in handles:
-            h.remove()
-    groups: dict[str, str] = {}
-    reps: list[str] = []
-    for name in names:
-        x = seen.get(name)
-        rep = next((r for r in reps if x is not None and seen.get(r) is x), None)
-        if rep is None:
-            reps.append(name)
-            rep = name
-        groups[name] = rep
-    return groups
+    runner = runner_for(model, names)
+    return probe_shared_inputs(
+        {n: modules[n] for n in names}, lambda: run_model(runner, probe_batch(batch), model_device(model))
+    )
 
 
 def collect_statistics(
@@ -175,41 +102,24 @@ def collect_statistics(
     if not batches:
         raise QeraError("no calibration batches")
     names = list(targets) if targets is not None else list(find_targets(model))
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
+    all_modules = dict(model.named_modules())
+    missing = [n for n in names if n not in all_modules]
     if missing:
         raise QeraError(f"target layer(s) not in the model: {missing[:5]}")
+    modules = {n: all_modules[n] for n in names}
     was_training = model.training
     model.eval()
-    groups = group_shared_inputs(model, names, batches[0]) if share_inputs else {n: n for n in names}
-    stats = {
-        rep: ActivationStats(modules[rep].in_features, frozenset(kinds), name=rep) for rep in dict.fromkeys(groups.values())
-    }
-    capture = _InputCapture()
-    handles = []
-    device = next(model.parameters()).device
-    runner = _runner(model, names)
+    device = model_device(model)
+    runner = runner_for(model, names)
     try:
-        for rep, st in stats.items():
-            def hook(mod, args, kwargs, st=st):
-                x = _InputCapture.first_input(args, kwargs).detach()
-                mask = capture.mask
-                if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
-                    raise QeraError(
-                        f"attention_mask shape {tuple(mask.shape)} does not match the input of {st.name} "
-                        f"{tuple(x.shape[:-1])}"
-                    )
-                st.update(x, mask)
-            handles.append(modules[rep].register_forward_pre_hook(hook, with_kwargs=True))
-        with torch.no_grad():
+        groups = group_shared_inputs(model, names, batches[0]) if share_inputs else {n: n for n in names}
+        with record_statistics(modules, kinds, groups) as rec, torch.no_grad():
             for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
-                m = batch.get("attention_mask")
-                capture.mask = None if m is None or bool(m.all()) else m.to(device).bool()
-                _forward(runner, batch, device)
+                rec.mask = row_mask(batch, device)
+                run_model(runner, batch, device)
+            stats = rec.stats
     finally:
-        for h in handles:
-            h.remove()
-        capture.mask = None
         model.train(was_training)
-    log.info("collected %s for %d inputs of %d layers", sorted(kinds), len(stats), len(names))
-    return CalibrationStats(stats, groups, {"kinds": ",".join(sorted(kinds))})
+    log.info("collected %s for %d inputs of %d layers", sorted(kinds), len(stats.stats), len(names))
+    stats.extra["kinds"] = ",".join(sorted(frozenset(kinds)))
+    return stats

@@ -6,7 +6,6 @@ Every subcommand is a thin wrapper over the Python API. User errors print one li
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
@@ -85,6 +84,31 @@ def _source(explicit: str | None, dataset: str | None) -> str | None:
     return explicit if explicit else dataset
 
 
+def _positive(value: int | None, flag: str, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise QeraError(f"{flag} must be an integer >= {minimum}, got {value}")
+
+
+def _check_numbers(args) -> None:
+    """Range checks shared by every subcommand that has these flags (before any slow work)."""
+    for attr, flag, lo in (("calib_samples", "--calib-samples", 1), ("calib_seq_len", "--calib-seq-len", 2),
+                           ("calib_batch_size", "--calib-batch-size", 1), ("max_windows", "--max-windows", 1),
+                           ("seq_len", "--seq-len", 2), ("rank", "--rank", 0), ("eval_samples", "--eval-samples", 1),
+                           ("eval_seq_len", "--eval-seq-len", 2), ("loftq_iters", "--loftq-iters", 1),
+                           ("batch_size", "--batch-size", 1), ("max_train_samples", "--max-train-samples", 1),
+                           ("max_eval_samples", "--max-eval-samples", 1), ("eval_steps", "--eval-steps", 1),
+                           ("logging_steps", "--logging-steps", 1), ("max_length", "--max-length", 2)):
+        _positive(getattr(args, attr, None), flag, lo)
+    for attr, flag in (("include", "--include"), ("exclude", "--exclude")):
+        from .targets import compile_patterns
+
+        compile_patterns(getattr(args, attr, None) or [], flag)
+    for attr, flag in (("max_memory", "--max-memory"), ("gpu_memory", "--gpu-memory")):
+        from .memory import parse_size
+
+        parse_size(getattr(args, attr, None), flag)
+
+
 def _calibration_batches(args, tokenizer):
     from .data import calibration_batches, load_text
 
@@ -92,10 +116,25 @@ def _calibration_batches(args, tokenizer):
     return calibration_batches(tokenizer, text, args.calib_samples, args.calib_seq_len, args.seed, args.calib_batch_size)
 
 
+def _settings(spec: str | None, fmt: str, rank: int) -> list[tuple[str, int]]:
+    """``--settings mxint4@32,mxint3@64`` → ``[("mxint4", 32), ("mxint3", 64)]``."""
+    if not spec:
+        return [(fmt, rank)]
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        f, sep, r = item.rpartition("@")
+        if not sep or not f or not r.strip().isdigit():
+            raise QeraError(f"--settings entries look like FORMAT@RANK (e.g. mxint4@32), got {item!r}")
+        out.append((f, int(r)))
+    return out
+
+
 def _config(args, fmt: str, method: str, rank: int):
     from .pipeline import QuantConfig
 
     kw: dict[str, Any] = dict(format=fmt, method=method, rank=rank, seed=args.seed,
+                              pipeline=getattr(args, "pipeline", "oneshot"), propagate=getattr(args, "propagate", "fp"),
                               method_options=_key_values(args.method_opt, "--method-opt"),
                               rank_overrides={k: int(v) for k, v in _key_values(args.rank_override, "--rank-override").items()})
     if args.include:
@@ -129,10 +168,9 @@ def _eval(args, model, tokenizer):
 
 def _output_dir(args) -> Path:
     """``--out`` as a path; refuse an existing one unless ``--overwrite`` (before any slow work)."""
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise QeraError(f"output {out} already exists; pass --overwrite to replace it")
-    return out
+    from .atomic import refuse_existing
+
+    return refuse_existing(args.out, args.overwrite or getattr(args, "resume", False))
 
 
 def _emit(args, payload: dict, table: str) -> None:
@@ -141,23 +179,46 @@ def _emit(args, payload: dict, table: str) -> None:
 
 # -- subcommands ---------------------------------------------------------------------------------
 def cmd_quantize(args) -> int:
-    from .calibration import find_targets
-    from .checkpoint import save_quantized
-    from .pipeline import quantize_model, stats_kinds_for
+    from .atomic import write_text
+    from .models import resolve_source
+    from .pipeline import quantize_and_save
+    from .streaming import is_lazy_source
 
     out = _output_dir(args)
-    model, tok = _load(args)
     config = _config(args, args.format, args.method, args.rank)
-    targets = find_targets(model, config.include, config.exclude)
-    stats = _stats(args, model, tok, stats_kinds_for(config, args.report_output_error), targets)
-    report = quantize_model(model, config, stats=stats, report_output_error=args.report_output_error or None,
-                            progress=not args.no_progress)
-    save_quantized(model, tok, out, overwrite=args.overwrite, report=report)
+    where = resolve_source(args.model)
+    if isinstance(where, Path) and where.is_file() and where.suffix == ".gguf":
+        from .models import convert_gguf
+
+        where = convert_gguf(where, args.cache_dir)
+    stream = config.pipeline != "oneshot" and isinstance(where, Path) and is_lazy_source(where)
+    if stream:
+        from transformers import AutoTokenizer
+
+        model, tok = where, AutoTokenizer.from_pretrained(str(where))
+    else:
+        model, tok = _load(args)
+    stats = None
+    if args.stats:
+        from .statistics import CalibrationStats
+
+        stats = CalibrationStats.load(args.stats)
+    calibration = None
+    from .pipeline import stats_kinds_for
+
+    needs_data = bool(stats_kinds_for(config, args.report_output_error)) or config.pipeline != "oneshot"
+    if needs_data and (stats is None or config.pipeline != "oneshot"):
+        calibration = _calibration_batches(args, tok)
+    report = quantize_and_save(
+        model, config, out, tokenizer=tok, calibration=calibration, stats=stats, overwrite=args.overwrite,
+        resume=args.resume, report_output_error=args.report_output_error or None, progress=not args.no_progress,
+        device=args.device, max_memory=args.max_memory, gpu_memory=args.gpu_memory, offload_dir=args.offload_dir,
+    )
     if args.report:
-        Path(args.report).write_text(report.to_json())
+        write_text(args.report, report.to_json())
     s = report.summary()
     _emit(args, {"out": str(out), **s},
-          f"saved {out}: {s['layers']} layers, {s['bits_weight']:.3f} bits/weight "
+          f"saved {out}: {s['layers']} layers ({s['pipeline']}), {s['bits_weight']:.3f} bits/weight "
           f"({s['bits_total']:.3f} with the low-rank term), solve {s['solve_seconds']:.1f}s")
     return 0
 
@@ -192,24 +253,28 @@ def cmd_info(args) -> int:
     size = sum(p.stat().st_size for p in Path(args.path).iterdir() if p.is_file())
     qc = meta.get("quant_config") or {}
     b = meta["bits"]
-    payload = {"path": args.path, "qera_version": meta["qera_version"], "layers": len(meta["layers"]),
+    ranks = sorted({m["rank"] for m in meta["layers"].values()})
+    payload = {"path": str(args.path), "qera_version": meta.get("qera_version"), "layers": len(meta["layers"]),
                "format": qc.get("format"), "method": qc.get("method"), "rank": qc.get("rank"),
+               "ranks": ranks, "pipeline": qc.get("pipeline"), "propagate": qc.get("propagate"),
                "bits_weight": b["bits_weight"], "bits_total": b["bits_total"], "bytes_on_disk": size}
     _emit(args, payload, "\n".join(f"{k:>13}: {v}" for k, v in payload.items()))
     return 0
 
 
 def cmd_compare(args) -> int:
-    """Calibrate once, then quantize a fresh copy per (setting, method) and compare perplexities."""
+    """Calibrate once, then quantize each (setting, method) into the same model and restore it after."""
     from .calibration import find_targets
-    from .pipeline import quantize_model, stats_kinds_for
+    from .pipeline import stats_kinds_for
 
-    model, tok = _load(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise QeraError("--methods is empty")
     for m in methods:
         METHODS.get(m)
-    settings = [(s.split("@")[0], int(s.split("@")[1])) for s in args.settings.split(",")] if args.settings else [(args.format, args.rank)]
-    configs = [(fmt, m, _config(args, fmt, m, r)) for fmt, r in settings for m in methods]
+    settings = _settings(args.settings, args.format, args.rank)
+    configs = [(fmt, m, _config(args, fmt, m, r if METHODS.get(m).uses_rank else 0)) for fmt, r in settings for m in methods]
+    model, tok = _load(args)
     kinds = frozenset().union(*(stats_kinds_for(c, True) for _, _, c in configs))
     targets = find_targets(model, configs[0][2].include, configs[0][2].exclude)
     stats = _stats(args, model, tok, kinds, targets)
@@ -217,16 +282,23 @@ def cmd_compare(args) -> int:
     base = _eval(args, model, tok)
     rows.append({"method": "fp", "format": "-", "rank": 0, "perplexity": base.perplexity,
                  "bits_weight": 16.0, "bits_total": 16.0, "mean_output_error_ratio": None, "solve_seconds": 0.0})
+    from .pipeline import quantize_model
+    from .targets import replace_module
+
     for fmt, method, config in configs:
-        qmodel = copy.deepcopy(model)
-        report = quantize_model(qmodel, config, stats=stats, report_output_error="xtx" in stats.kinds if stats else False,
-                                progress=not args.no_progress)
-        r = _eval(args, qmodel, tok)
+        originals = dict(targets)
+        try:
+            report = quantize_model(model, config, stats=stats,
+                                    report_output_error="xtx" in stats.kinds if stats else False,
+                                    progress=not args.no_progress)
+            r = _eval(args, model, tok)
+        finally:  # the fp layers go back: one model, at most one quantized copy of each layer
+            for name, mod in originals.items():
+                replace_module(model, name, mod)
         s = report.summary()
         rows.append({"method": method, "format": config.format, "rank": config.rank, "perplexity": r.perplexity,
                      "bits_weight": s["bits_weight"], "bits_total": s["bits_total"],
                      "mean_output_error_ratio": s["mean_output_error_ratio"], "solve_seconds": s["solve_seconds"]})
-        del qmodel
     lines = [f"{'method':<13} {'format':<16} {'rank':>4} {'bits W':>7} {'bits +AB':>8} {'out.err':>8} {'solve s':>7} {'perplexity':>11}"]
     for r in rows:
         oe = f"{r['mean_output_error_ratio']:.4f}" if r["mean_output_error_ratio"] is not None else "-"
@@ -235,7 +307,9 @@ def cmd_compare(args) -> int:
     lines.append(f"(perplexity on {base.windows} windows x {base.seq_len} tokens; out.err = mean over layers of "
                  f"output error after / before reconstruction; fp bits shown as 16)")
     if args.out_json:
-        Path(args.out_json).write_text(json.dumps({"rows": rows, "windows": base.windows, "seq_len": base.seq_len}, indent=1))
+        from .atomic import write_json
+
+        write_json(args.out_json, {"rows": rows, "windows": base.windows, "seq_len": base.seq_len})
     _emit(args, {"rows": rows, "windows": base.windows, "seq_len": base.seq_len}, "\n".join(lines))
     return 0
 
@@ -386,6 +460,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--report", help="write the per-layer report as JSON here")
     p.add_argument("--report-output-error", action="store_true", help="also collect Σxᵀx to report layer output errors")
+    g = p.add_argument_group("scale")
+    g.add_argument("--pipeline", choices=["oneshot", "sequential", "auto"], default="oneshot",
+                   help="oneshot: whole model at once; sequential: one decoder block at a time (models larger "
+                        "than memory; a local safetensors model is streamed from its shards); auto: sequential "
+                        "when the one-shot statistics exceed --max-memory")
+    g.add_argument("--propagate", choices=["fp", "quantized"], default="fp",
+                   help="sequential: next block's inputs from the original (fp) or the quantized block")
+    g.add_argument("--device", default=None, help="where blocks are computed: auto, cuda, cpu (default: the model's)")
+    g.add_argument("--max-memory", default=None, help="host memory budget, e.g. 16GiB (default: $QERA_MAX_MEMORY or 60%% of free RAM)")
+    g.add_argument("--gpu-memory", default=None, help="GPU memory budget for cached activations, e.g. 24GiB")
+    g.add_argument("--offload-dir", default=None, help="folder for cached activations that exceed --max-memory")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted sequential run into the same --out")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="perplexity of a model or a quantized checkpoint")
@@ -458,6 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        _check_numbers(args)
         return args.func(args)
     except QeraError as exc:
         print(f"qera {args.command}: error: {exc}", file=sys.stderr)

@@ -147,9 +147,7 @@ def finetune_causal_lm(
 
 
 def write_result(result: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=float))
-    tmp.replace(path)
-    return path
+    """Write a JSON result atomically (a reader never sees half a file)."""
+    from .atomic import write_json
+
+    return write_json(path, result)

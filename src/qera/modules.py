@@ -16,6 +16,7 @@ from torch import nn
 
 from .formats import QuantizedWeight, WeightFormat, parse_format
 from .methods import Reconstruction
+from .targets import linear_weight
 
 QPREFIX = "qweight_"
 
@@ -45,6 +46,8 @@ class QERALinear(nn.Module):
         self.A = nn.Parameter(A, requires_grad=False)
         self.B = nn.Parameter(B, requires_grad=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        if self.bias is not None and self.bias.shape != (out_f,):
+            raise ValueError(f"bias {tuple(self.bias.shape)} does not fit {out_f} outputs")
         self.cache_weight = cache_weight
         self.merge_lowrank = merge_lowrank
         self._w_cache: torch.Tensor | None = None
@@ -61,6 +64,28 @@ class QERALinear(nn.Module):
             rec.qweight.to(dev), rec.A.to(dev, lowrank_dtype), rec.B.to(dev, lowrank_dtype),
             linear.bias, cache_weight,
         )
+
+    @classmethod
+    def from_result(
+        cls, module: nn.Module, result, lowrank_dtype: torch.dtype = torch.float16, cache_weight: bool = True
+    ) -> "QERALinear":
+        """Replacement of a linear-like ``module`` (``nn.Linear``, GPT-2 ``Conv1D``) from a :class:`~qera.layer.LayerResult`."""
+        dev = linear_weight(module).device
+        return cls(
+            result.qweight.to(dev), result.A.to(dev, lowrank_dtype), result.B.to(dev, lowrank_dtype),
+            getattr(module, "bias", None), cache_weight,
+        )
+
+    @classmethod
+    def from_stored(
+        cls, meta: dict, tensors: dict[str, torch.Tensor], cache_weight: bool = True
+    ) -> "QERALinear":
+        """Rebuild from checkpoint tensors (``qweight_*``, ``A``, ``B``, ``bias``) and the layer's JSON entry."""
+        fmt = parse_format(meta["format"])
+        shape = (int(meta["out_features"]), int(meta["in_features"]))
+        q = {k[len(QPREFIX):]: v for k, v in tensors.items() if k.startswith(QPREFIX)}
+        qw = QuantizedWeight(fmt, shape, getattr(torch, meta["weight_dtype"]), q)
+        return cls(qw, tensors["A"], tensors["B"], tensors.get("bias"), cache_weight)
 
     @classmethod
     def empty(

@@ -20,8 +20,6 @@ import functools
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -29,11 +27,14 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .calibration import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, CalibrationStats, collect_statistics, find_targets
+from .atomic import atomic_directory, recover_directory
+from .config import QuantConfig
 from .errors import QeraError
-from .methods import METHODS
+from .layer import LayerResult
 from .modules import QERALinear
-from .pipeline import QuantConfig, QuantReport, replace_module, solve_layers, stats_kinds_for
+from .pipeline import quantize_model
+from .statistics import CalibrationStats
+from .targets import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, find_targets, linear_shape, linear_weight
 
 log = logging.getLogger(__name__)
 
@@ -137,34 +138,28 @@ def prepare_qpeft_model(
     """Quantize ``model``'s targets in place and return ``(peft_model, report)``.
 
     ``calibration`` (unlabeled text batches, padding masked) or ``stats`` are needed by the
-    activation-aware inits (lqer, qera-approx, qera-exact).
+    activation-aware inits (lqer, qera-approx, qera-exact). The quantization is the same
+    per-layer step as PTQ (:func:`qera.quantize_model`), with a sink that keeps ``W̃`` as the
+    frozen packed base and hands ``(A, B)`` to the adapters.
     """
     from peft import LoraConfig, get_peft_model
 
     qcfg = config.quant_config()
     targets = find_targets(model, qcfg.include, qcfg.exclude)
     for name, lin in targets.items():
-        if config.init != "qlora" and config.rank > min(lin.in_features, lin.out_features):
-            raise QeraError(
-                f"LoRA rank {config.rank} exceeds min(in, out) = {min(lin.in_features, lin.out_features)} (layer {name})"
-            )
-    kinds = stats_kinds_for(qcfg)
-    if kinds and stats is None:
-        if calibration is None:
-            raise QeraError(f"init {config.init!r} needs calibration data or statistics")
-        stats = collect_statistics(model, calibration, list(targets), kinds, progress=progress)
-    report = QuantReport(qcfg)
-    recs = {}
-    for name, rec, layer_report in solve_layers(targets, qcfg, stats, progress, output_error=False):
-        lin = targets[name]
-        base = QERALinear(
-            rec.qweight.to(lin.weight.device),
-            lin.weight.new_zeros(0, lin.in_features), lin.weight.new_zeros(lin.out_features, 0),
-            lin.bias, cache_weight=config.cache_base,
-        )
-        replace_module(model, name, base)
-        recs[name] = rec
-        report.layers.append(layer_report)
+        out_f, in_f = linear_shape(lin)
+        if config.init != "qlora" and config.rank > min(in_f, out_f):
+            raise QeraError(f"LoRA rank {config.rank} exceeds min(in, out) = {min(in_f, out_f)} (layer {name})")
+    recs: dict[str, LayerResult] = {}
+
+    def base_sink(name: str, module: nn.Module, result: LayerResult) -> nn.Module:
+        recs[name] = result
+        w = linear_weight(module)
+        return QERALinear(result.qweight.to(w.device), w.new_zeros(0, w.shape[1]), w.new_zeros(w.shape[0], 0),
+                          getattr(module, "bias", None), cache_weight=config.cache_base)
+
+    report = quantize_model(model, qcfg, calibration=calibration, stats=stats, report_output_error=False,
+                            progress=progress, sink=base_sink)
     lora_config = LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
         target_modules=sorted(targets), modules_to_save=config.modules_to_save,
@@ -187,25 +182,19 @@ def prepare_qpeft_model(
 
 
 def save_qpeft(peft_model, tokenizer, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``path/adapter`` (a standard PEFT adapter) and ``path/base`` (qera checkpoint), atomically."""
+    """Write ``path/adapter`` (a standard PEFT adapter) and ``path/base`` (qera checkpoint), atomically.
+
+    An existing ``path`` is replaced only with ``overwrite``, and then atomically: the old or the
+    new checkpoint is at ``path`` at every instant.
+    """
     from .checkpoint import save_quantized
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise QeraError(f"output {path} already exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_directory(path, overwrite) as tmp:
         peft_model.save_pretrained(tmp / "adapter")
         save_quantized(peft_model.get_base_model(), tokenizer, tmp / "base")
         cfg = getattr(peft_model, "qpeft_config", None)
         (tmp / QPEFT_CONFIG).write_text(json.dumps(cfg.to_dict() if cfg else {}, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return Path(path)
 
 
 def load_qpeft(path: str | os.PathLike, is_trainable: bool = False, device: str | torch.device = "cpu"):
@@ -215,9 +204,22 @@ def load_qpeft(path: str | os.PathLike, is_trainable: bool = False, device: str 
     from .checkpoint import load_quantized
 
     path = Path(path)
+    recover_directory(path)
     if not (path / "adapter").is_dir() or not (path / "base").is_dir():
         raise QeraError(f"{path} is not a qera QPEFT checkpoint (needs adapter/ and base/)")
-    cfg = QPEFTConfig.from_dict(json.loads((path / QPEFT_CONFIG).read_text())) if (path / QPEFT_CONFIG).is_file() else None
+    weights = [n for n in ("adapter_model.safetensors",) if (path / "adapter" / n).is_file()]
+    if not weights:
+        pickles = [n for n in ("adapter_model.bin",) if (path / "adapter" / n).is_file()]
+        hint = f"; {pickles[0]} is a pickle file, which qera never loads" if pickles else ""
+        raise QeraError(f"{path / 'adapter'} has no adapter_model.safetensors{hint}")
+    if not (path / "adapter" / "adapter_config.json").is_file():
+        raise QeraError(f"{path / 'adapter'} has no adapter_config.json")
+    cfg = None
+    if (path / QPEFT_CONFIG).is_file():
+        try:
+            cfg = QPEFTConfig.from_dict(json.loads((path / QPEFT_CONFIG).read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise QeraError(f"{path / QPEFT_CONFIG} is not a valid QPEFT config: {exc}") from None
     base, tok = load_quantized(path / "base", device=device, cache_weight=bool(cfg and cfg.cache_base))
     lora_config = register_qera_modules(LoraConfig.from_pretrained(path / "adapter"))
     model = PeftModel.from_pretrained(base, path / "adapter", config=lora_config, is_trainable=is_trainable)

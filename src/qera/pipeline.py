@@ -1,215 +1,122 @@
-"""``quantize_model``: match targets → calibrate → solve → replace, with a per-layer report.
+"""``quantize_model`` and ``quantize_and_save``: pick a driver, run the per-layer step over a model.
 
-The three steps are separate functions over a set of module names so that a later
-layer-by-layer mode (one decoder block at a time with cached block inputs) can call them per block.
+- :func:`quantize_model` quantizes a model in memory, in place (every target becomes a
+  :class:`~qera.modules.QERALinear`), with the one-shot or the sequential driver.
+- :func:`quantize_and_save` writes a checkpoint; with the sequential pipeline each block is
+  written as it finishes, a model in a local safetensors directory is streamed (never whole in
+  memory), and ``resume=True`` continues an interrupted run after its last finished block.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import re
-import time
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import __version__
-from .calibration import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, CalibrationStats, collect_statistics, find_targets
+from .calibration import group_shared_inputs
+from .config import CONFIG_VERSION, LOWRANK_DTYPES, QuantConfig
+from .drivers import DRIVERS, DriverContext
 from .errors import QeraError
-from .formats import parse_format
-from .methods import METHODS, Reconstruction, get_method
-from .metrics import layer_output_error, weight_error
-from .modules import QERALinear
+from .layer import LayerQuantizer, LayerResult, ptq_sink
+from .memory import default_budget, format_size, parse_size, stats_bytes
+from .methods import METHODS
+from .moe import unfuse_experts, unfused_names
+from .report import LayerReport, QuantReport
+from .statistics import CalibrationStats, provided
+from .targets import find_blocks, find_targets, linear_shape, replace_module
 
 log = logging.getLogger(__name__)
 
-CONFIG_VERSION = 1
-LOWRANK_DTYPES = ("float16", "bfloat16", "float32")
-
-
-@dataclass
-class QuantConfig:
-    """What to quantize and how. JSON round-trips through :meth:`to_dict` / :meth:`from_dict`.
-
-    format: weight format spec (``mxint4``, ``int4:group=128``, ``nf4`` ...).
-    method: reconstruction method name (see ``qera.METHODS``).
-    rank: rank of the low-rank term (0 for ``w-only``).
-    method_options: keyword options of the method (``iters`` for loftq, ``exact``, ``damp`` ...).
-    include / exclude: regexes on module names (defaults: every Linear in the decoder blocks,
-        never ``lm_head`` or embeddings).
-    rank_overrides: ``{regex: rank}``; the first matching regex sets the layer's rank.
-    lowrank_dtype: storage dtype of ``A`` and ``B``.
-    seed: seed of the randomized solver.
-    """
-
-    format: str = "mxint4"
-    method: str = "qera-exact"
-    rank: int = 32
-    method_options: dict[str, Any] = field(default_factory=dict)
-    include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
-    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
-    rank_overrides: dict[str, int] = field(default_factory=dict)
-    lowrank_dtype: str = "float16"
-    seed: int = 0
-    version: int = CONFIG_VERSION
-
-    def __post_init__(self) -> None:
-        self.format = str(parse_format(self.format))
-        METHODS.get(self.method)  # raises with the known names
-        uses_rank = METHODS.get(self.method).uses_rank
-        if not isinstance(self.rank, int) or self.rank < 0:
-            raise QeraError(f"rank must be a non-negative integer, got {self.rank!r}")
-        if uses_rank and self.rank == 0:
-            raise QeraError(f"method {self.method!r} needs rank >= 1")
-        if not uses_rank:
-            self.rank = 0
-        if self.lowrank_dtype not in LOWRANK_DTYPES:
-            raise QeraError(f"lowrank_dtype must be one of {LOWRANK_DTYPES}, got {self.lowrank_dtype!r}")
-        for pattern in [*self.include, *self.exclude, *self.rank_overrides]:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise QeraError(f"invalid regex {pattern!r}: {exc}") from None
-        for pattern, r in self.rank_overrides.items():
-            if not isinstance(r, int) or r < 0:
-                raise QeraError(f"rank override for {pattern!r} must be a non-negative integer, got {r!r}")
-        if self.version != CONFIG_VERSION:
-            raise QeraError(f"unsupported config version {self.version} (this qera reads {CONFIG_VERSION})")
-        get_method(self.method, **self.solver_options())  # validates the options
-
-    def solver_options(self) -> dict[str, Any]:
-        opts = dict(self.method_options)
-        if METHODS.get(self.method).uses_rank:
-            opts.setdefault("seed", self.seed)
-        return opts
-
-    def rank_for(self, name: str) -> int:
-        for pattern, r in self.rank_overrides.items():
-            if re.search(pattern, name):
-                return r
-        return self.rank
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise QeraError(f"unknown quantization config key(s): {sorted(unknown)}")
-        return cls(**d)
-
-
-@dataclass
-class LayerReport:
-    name: str
-    shape: tuple[int, int]
-    format: str
-    rank: int
-    bits_weight: float  # bits per weight of W̃ (codes + scales)
-    bits_total: float  # including A and B at their storage dtype
-    weight_error_before: float
-    weight_error_after: float
-    output_error_before: float | None  # trace(E R Eᵀ); None without the autocorrelation
-    output_error_after: float | None
-    seconds: float
-
-
-@dataclass
-class QuantReport:
-    config: QuantConfig
-    layers: list[LayerReport] = field(default_factory=list)
-    calibration_seconds: float = 0.0
-    solve_seconds: float = 0.0
-    calibration_tokens: int = 0
-
-    def summary(self) -> dict[str, Any]:
-        n = sum(l.shape[0] * l.shape[1] for l in self.layers) or 1
-        def wavg(attr: str) -> float:
-            return sum(getattr(l, attr) * l.shape[0] * l.shape[1] for l in self.layers) / n
-        out_b = [l.output_error_before for l in self.layers if l.output_error_before is not None]
-        out_a = [l.output_error_after for l in self.layers if l.output_error_after is not None]
-        return {
-            "layers": len(self.layers),
-            "params": n,
-            "bits_weight": wavg("bits_weight"),
-            "bits_total": wavg("bits_total"),
-            "mean_output_error_ratio": (
-                sum(a / b for a, b in zip(out_a, out_b) if b > 0) / len(out_a) if out_a else None
-            ),
-            "calibration_seconds": self.calibration_seconds,
-            "solve_seconds": self.solve_seconds,
-            "calibration_tokens": self.calibration_tokens,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "summary": self.summary(),
-                "layers": [dataclasses.asdict(l) for l in self.layers], "qera_version": __version__}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+__all__ = [
+    "CONFIG_VERSION", "LOWRANK_DTYPES", "LayerReport", "QuantConfig", "QuantReport", "quantize_model",
+    "quantize_and_save", "replace_module", "stats_kinds_for", "choose_pipeline", "resolve_device",
+]
 
 
 def stats_kinds_for(config: QuantConfig, report_output_error: bool = False) -> frozenset[str]:
+    """Statistics a run collects: what the method needs, plus ``xtx`` for output-error reports."""
     kinds = set(METHODS.get(config.method).needs)
     if report_output_error:
         kinds.add("xtx")
     return frozenset(kinds)
 
 
-def solve_layers(
-    modules: Mapping[str, nn.Linear],
-    config: QuantConfig,
-    stats: CalibrationStats | None,
-    progress: bool = True,
-    output_error: bool = True,
-) -> Iterable[tuple[str, Reconstruction, LayerReport]]:
-    """Quantize and reconstruct each module; yields ``(name, reconstruction, report)`` lazily.
-
-    ``output_error``: report layer output errors where the statistics hold ``Σxᵀx``.
-    """
-    fmt = parse_format(config.format)
-    method = get_method(config.method, **config.solver_options())
-    lowrank_bits = torch.finfo(getattr(torch, config.lowrank_dtype)).bits
-    for name, lin in tqdm(modules.items(), desc=f"{config.method} {config.format}", unit="layer", disable=not progress):
-        rank = config.rank_for(name) if method.uses_rank else 0
-        st = stats[name] if stats is not None and name in stats else None
-        W = lin.weight.detach()
-        t0 = time.perf_counter()
-        q0 = fmt.quantize(W, name)
-        if method.uses_rank and rank == 0:  # rank override 0: quantization only
-            w_q = q0.dequantize(torch.float32)
-            rec = Reconstruction(w_q.new_zeros(0, W.shape[1]), w_q.new_zeros(W.shape[0], 0), w_q, q0)
-        else:
-            method.check(W, rank, st, name)
-            rec = method.solve(W, q0, rank, st, fmt, name)
-        dt = time.perf_counter() - t0
-        R = st.autocorrelation() if output_error and st is not None and "xtx" in st.kinds else None
-        w_q0 = rec.w_q if rec.qweight is q0 else q0.dequantize(torch.float32)  # LoftQ replaces W̃
-        out_f, in_f = W.shape
-        r = rec.rank
-        yield name, rec, LayerReport(
-            name=name, shape=(out_f, in_f), format=str(fmt), rank=r,
-            bits_weight=fmt.bits_per_weight,
-            bits_total=fmt.bits_per_weight + lowrank_bits * r * (in_f + out_f) / (in_f * out_f),
-            weight_error_before=weight_error(W, w_q0),
-            weight_error_after=weight_error(W, rec.w_q, rec.A, rec.B),
-            output_error_before=layer_output_error(W, w_q0, stats=R) if R is not None else None,
-            output_error_after=layer_output_error(W, rec.w_q, rec.A, rec.B, R) if R is not None else None,
-            seconds=dt,
-        )
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """``auto`` → CUDA when available, else CPU; None stays None (keep the model where it is)."""
+    if device is None:
+        return None
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QeraError("device cuda was asked for, but no CUDA GPU is available (use --device cpu or auto)")
+    return dev
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+def oneshot_stats_bytes(model: nn.Module, targets: Mapping[str, nn.Module], kinds: Iterable[str],
+                        probe_batch: Mapping[str, torch.Tensor] | None = None) -> int:
+    """float64 bytes the one-shot driver holds for every distinct input's statistics at once."""
+    if probe_batch is not None:
+        groups = group_shared_inputs(model, list(targets), probe_batch)
+        reps = set(groups.values())
+    else:
+        reps = set(targets)  # upper bound: no sharing
+    return stats_bytes((linear_shape(targets[r])[1] for r in reps), kinds)
+
+
+def choose_pipeline(config: QuantConfig, model: nn.Module, targets: Mapping[str, nn.Module], kinds: frozenset[str],
+                    calibration, max_memory: int | None, lazy: bool = False) -> tuple[str, str | None]:
+    """The pipeline to run for ``config.pipeline == "auto"``: ``(name, why)``."""
+    if config.pipeline != "auto":
+        return config.pipeline, None
+    if lazy:
+        return "sequential", "the model is streamed from its shards, so it is quantized block by block"
+    if config.propagate == "quantized":
+        return "sequential", "propagate='quantized' needs the sequential pipeline"
+    budget = max_memory if max_memory is not None else default_budget()
+    probe = next(iter(calibration), None) if calibration is not None else None
+    need = oneshot_stats_bytes(model, targets, kinds, probe)
+    if need > budget:
+        return "sequential", (f"one-shot statistics need {format_size(need)}, over the memory budget of "
+                              f"{format_size(budget)}: quantizing block by block")
+    return "oneshot", f"one-shot statistics need {format_size(need)}, within the budget of {format_size(budget)}"
+
+
+def _context(model, config, calibration, stats, report_output_error, progress, device, max_memory, gpu_memory,
+             offload_dir, sink, placer=None, writer=None, lazy=False) -> DriverContext:
+    unfuse_experts(model)
+    targets = find_targets(model, config.include, config.exclude)
+    quantizer = LayerQuantizer(config)
+    kinds = stats_kinds_for(config, bool(report_output_error))
+    max_memory = parse_size(max_memory, "max_memory")
+    gpu_memory = parse_size(gpu_memory, "gpu_memory")
+    if calibration is not None:
+        calibration = list(calibration)
+    name, why = choose_pipeline(config, model, targets, kinds, calibration, max_memory, lazy)
+    if why:
+        log.warning("pipeline %s: %s", name, why)
+    run_config = dataclasses.replace(config, pipeline=name)
+    report = QuantReport(run_config, pipeline=name)
+    if why:
+        report.notes.append(f"pipeline {name}: {why}")
+    if kinds and stats is not None and name == "oneshot":
+        missing = kinds - provided(stats.kinds)
+        if missing:
+            raise QeraError(f"the given statistics lack {sorted(missing)} needed by {config.method}; recalibrate with them")
+    if kinds and stats is None and calibration is None:
+        raise QeraError(f"method {config.method!r} needs calibration data or precomputed statistics")
+    return DriverContext(
+        model=model, targets=targets, quantizer=quantizer, report=report,
+        sink=sink or ptq_sink(getattr(torch, config.lowrank_dtype)), calibration=calibration, stats=stats,
+        kinds=kinds, output_error=report_output_error is not False, progress=progress,
+        device=resolve_device(device), max_memory=max_memory if max_memory is not None else default_budget(),
+        gpu_memory=gpu_memory, offload_dir=offload_dir, placer=placer, writer=writer,
+    )
 
 
 def quantize_model(
@@ -219,47 +126,127 @@ def quantize_model(
     stats: CalibrationStats | None = None,
     report_output_error: bool | None = None,
     progress: bool = True,
+    *,
+    device: str | torch.device | None = None,
+    max_memory: int | str | None = None,
+    gpu_memory: int | str | None = None,
+    offload_dir: str | os.PathLike | None = None,
+    sink=None,
 ) -> QuantReport:
-    """Quantize ``model`` in place: every target ``nn.Linear`` becomes a :class:`QERALinear`.
+    """Quantize ``model`` in place: every target linear layer becomes a :class:`QERALinear`.
 
     Args:
         calibration: batches (dicts with ``input_ids``/``attention_mask``) for the statistics the
-            method needs; or pass precomputed ``stats`` (from :func:`collect_statistics`).
+            method needs; or pass precomputed ``stats`` (from :func:`collect_statistics`; one-shot only).
         report_output_error: ``True`` also collects ``Σxᵀx`` so the report holds layer output
             errors; ``None`` reports them when the statistics have ``Σxᵀx``; ``False`` never.
+        device: where the sequential pipeline computes each block (``auto``, ``cuda``, ``cpu``).
+        max_memory: host memory budget (bytes or ``"8GiB"``): ``pipeline="auto"`` chooses from it,
+            and cached activations beyond it go to ``offload_dir``. gpu_memory: the same on the GPU.
+        sink: builds each replacement module (default: ``QERALinear`` with ``A``, ``B``).
     Returns:
-        A :class:`QuantReport` with per-layer errors, bits and timings.
+        A :class:`QuantReport` with per-layer errors, bits and timings. If anything fails, every
+        replaced layer is put back: the model is never left half-quantized.
     """
-    targets = find_targets(model, config.include, config.exclude)
-    kinds = stats_kinds_for(config, bool(report_output_error))
-    report = QuantReport(config)
-    own_stats = False
-    if kinds:
-        if stats is not None:
-            missing = kinds - stats.kinds
-            if missing:
-                raise QeraError(
-                    f"the given statistics lack {sorted(missing)} needed by {config.method}; recalibrate with them"
-                )
-        elif calibration is None:
-            raise QeraError(f"method {config.method!r} needs calibration data or precomputed statistics")
+    ctx = _context(model, config, calibration, stats, report_output_error, progress, device, max_memory,
+                   gpu_memory, offload_dir, sink)
+    try:
+        DRIVERS.get(ctx.report.pipeline)(ctx)
+    except BaseException:
+        ctx.restore()
+        raise
+    return ctx.report
+
+
+def _fingerprint(config: QuantConfig, model: nn.Module, calibration, source_id: str) -> str:
+    from .checkpoint import fingerprint_of
+
+    cfg = getattr(model, "config", None)
+    parts: list = [config.to_dict(), source_id, cfg.to_dict() if hasattr(cfg, "to_dict") else None]
+    for b in calibration or []:
+        parts.extend(b[k] for k in sorted(b) if torch.is_tensor(b[k]))
+    return fingerprint_of(*parts)
+
+
+def quantize_and_save(
+    model: nn.Module | str | os.PathLike,
+    config: QuantConfig,
+    out: str | os.PathLike,
+    *,
+    tokenizer=None,
+    calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    stats: CalibrationStats | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    report_output_error: bool | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    max_memory: int | str | None = None,
+    gpu_memory: int | str | None = None,
+    offload_dir: str | os.PathLike | None = None,
+) -> QuantReport:
+    """Quantize and write a checkpoint to ``out``.
+
+    ``model`` is a model object or the path of a local directory with ``config.json`` and
+    safetensors weights. A path with the sequential pipeline (``auto`` chooses it for paths) is
+    streamed: the model is built on the meta device and each block's weights are read when the
+    block is processed, then dropped. With the sequential pipeline each finished block is written
+    at once; ``resume=True`` continues an interrupted run with the same model, configuration and
+    calibration after its last finished block (the result is bit-identical to an uninterrupted run).
+    """
+    from .checkpoint import CheckpointWriter, rest_tensors, save_quantized
+    from .streaming import StreamingPlacer, load_model_lazy
+
+    out = Path(out)
+    source = None
+    lazy = not isinstance(model, nn.Module)
+    if lazy:
+        path = Path(model)
+        lazy_ok = config.pipeline in ("sequential", "auto")
+        if not lazy_ok:
+            from .models import load_model
+
+            model, tok = load_model(str(path))
+            tokenizer = tokenizer if tokenizer is not None else tok
+            lazy = False
         else:
-            t0 = time.perf_counter()
-            stats = collect_statistics(model, calibration, list(targets), kinds, progress=progress)
-            own_stats = True
-            report.calibration_seconds = time.perf_counter() - t0
-        report.calibration_tokens = stats.tokens
-    lowrank_dtype = getattr(torch, config.lowrank_dtype)
-    done: set[str] = set()
-    t0 = time.perf_counter()
-    for name, rec, layer_report in solve_layers(
-        targets, config, stats, progress, report_output_error is not False
-    ):
-        replace_module(model, name, QERALinear.from_linear(targets[name], rec, lowrank_dtype))
-        report.layers.append(layer_report)
-        done.add(name)
-        if own_stats:
-            stats.release(name, done)  # statistics we collected ourselves: free them as we go
-    report.solve_seconds = time.perf_counter() - t0
-    model.qera_config = config  # read by save_quantized
-    return report
+            model, tok, source = load_model_lazy(path)
+            tokenizer = tokenizer if tokenizer is not None else tok
+    source_id = str(getattr(source, "directory", "") or getattr(getattr(model, "config", None), "_name_or_path", ""))
+    calibration = list(calibration) if calibration is not None else None
+    dev = resolve_device(device)
+    placer = StreamingPlacer(source, dev or torch.device("cpu")) if source is not None else None
+    writer = None
+    unfuse_experts(model)
+    pipeline, why = choose_pipeline(config, model, find_targets(model, config.include, config.exclude),
+                                    stats_kinds_for(config, bool(report_output_error)), calibration,
+                                    parse_size(max_memory, "max_memory"), lazy)
+    if why:
+        log.warning("pipeline %s: %s", pipeline, why)
+    config = dataclasses.replace(config, pipeline=pipeline)
+    if pipeline == "sequential":
+        writer = CheckpointWriter(out, overwrite=overwrite, resume=resume,
+                                  fingerprint=_fingerprint(config, model, calibration, source_id))
+    elif resume:
+        log.info("resume applies to the sequential pipeline only; the one-shot run starts from scratch")
+    try:
+        ctx = _context(model, config, calibration, stats, report_output_error, progress, dev, max_memory,
+                       gpu_memory, offload_dir, None, placer, writer, lazy)
+        if why:
+            ctx.report.notes.append(f"pipeline {pipeline}: {why}")
+        DRIVERS.get(ctx.report.pipeline)(ctx)
+        if writer is None:
+            save_quantized(model, tokenizer, out, overwrite=overwrite, report=ctx.report)
+        else:
+            blocks_name, _ = find_blocks(model, list(ctx.targets))
+            rest, tied = rest_tensors(model, f"{blocks_name}.", source)
+            writer.finalize(
+                rest, tied=tied, quant_config=ctx.report.config, quality=ctx.report.quality(),
+                hf_config=getattr(model, "config", None), generation_config=getattr(model, "generation_config", None),
+                tokenizer=tokenizer, unfused=unfused_names(model),
+            )
+    except BaseException:
+        if writer is not None:
+            writer.close(success=False)
+        raise
+    return ctx.report

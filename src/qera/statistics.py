@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,13 @@ log = logging.getLogger(__name__)
 
 STAT_KINDS = ("abs", "sq", "xtx")
 CHUNK_ROWS = 4096  # rows per fp32 product before adding into the float64 accumulator
+MAX_ABS = float(torch.finfo(torch.float32).max / CHUNK_ROWS) ** 0.5  # larger |x| could overflow a chunk sum
+
+
+def provided(kinds: Iterable[str]) -> frozenset[str]:
+    """What statistics of ``kinds`` can serve: ``xtx`` also gives ``sq`` (its diagonal)."""
+    kinds = frozenset(kinds)
+    return kinds | {"sq"} if "xtx" in kinds else kinds
 
 
 def _check_kinds(kinds: Iterable[str]) -> frozenset[str]:
@@ -63,7 +71,11 @@ class ActivationStats:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Add rows of ``x`` (shape ``(..., dim)``); ``mask`` (shape ``x.shape[:-1]``) keeps True rows."""
+        """Add rows of ``x`` (shape ``(..., dim)``); ``mask`` (shape ``x.shape[:-1]``) keeps True rows.
+
+        All or nothing: the rows are checked (NaN/Inf, magnitudes that would overflow the float32
+        chunk sums) before anything is added, so a rejected call leaves the sums unchanged.
+        """
         if x.shape[-1] != self.dim:
             raise QeraError(f"activation width {x.shape[-1]} != expected {self.dim}{where(self.name)}")
         rows = x.reshape(-1, self.dim)
@@ -75,27 +87,51 @@ class ActivationStats:
             rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
         if rows.shape[0] == 0:
             return
+        peak = float(rows.abs().amax())  # NaN propagates through amax
+        if not math.isfinite(peak):
+            raise QeraError(f"activation contains NaN/Inf{where(self.name)}")
+        if peak > MAX_ABS:
+            raise QeraError(
+                f"activation magnitude {peak:.3g} exceeds {MAX_ABS:.3g}, where float32 chunk sums of x² "
+                f"overflow{where(self.name)}"
+            )
         self._R = None
         for kind in self.kinds:
             if kind not in self.sums:
                 self.sums[kind] = self._zeros(kind, rows.device)
         for chunk in rows.split(CHUNK_ROWS):
             c = chunk.to(torch.float32)
-            # One fused pass per statistic; NaN/Inf in x always reach these partial sums, so checking
-            # them (d or d² values) replaces a full pass over x.
-            parts: dict[str, torch.Tensor] = {}
             if "xtx" in self.kinds:
-                parts["xtx"] = c.T @ c
+                self.sums["xtx"].add_(c.T @ c)
             if "sq" in self.kinds:
-                parts["sq"] = torch.linalg.vector_norm(c, 2, dim=0).square()
+                self.sums["sq"].add_(torch.linalg.vector_norm(c, 2, dim=0).square())
             if "abs" in self.kinds:
-                parts["abs"] = torch.linalg.vector_norm(c, 1, dim=0)
-            for kind, part in parts.items():
-                if not torch.isfinite(part).all():
-                    raise QeraError(f"activation contains NaN/Inf{where(self.name)}")
-            for kind, part in parts.items():
-                self.sums[kind].add_(part)
+                self.sums["abs"].add_(torch.linalg.vector_norm(c, 1, dim=0))
         self.count += int(rows.shape[0])
+
+    def validate(self, source: str = "") -> "ActivationStats":
+        """Check shapes, dtypes and finiteness of the sums (for statistics read from a file)."""
+        what = f"{source}: " if source else ""
+        if not isinstance(self.count, int) or self.count < 0:
+            raise QeraError(f"{what}token count must be a non-negative integer, got {self.count!r}{where(self.name)}")
+        for kind in self.kinds:
+            if kind not in self.sums:
+                if self.count == 0:
+                    continue
+                raise QeraError(f"{what}statistic {kind!r} is missing{where(self.name)}")
+            t = self.sums[kind]
+            want = (self.dim, self.dim) if kind == "xtx" else (self.dim,)
+            if tuple(t.shape) != want:
+                raise QeraError(
+                    f"{what}statistic {kind!r} has shape {tuple(t.shape)}, expected {want}{where(self.name)}"
+                )
+            if not t.is_floating_point():
+                raise QeraError(f"{what}statistic {kind!r} has dtype {t.dtype}, expected float64{where(self.name)}")
+            if not bool(torch.isfinite(t).all()):
+                raise QeraError(f"{what}statistic {kind!r} contains NaN/Inf{where(self.name)}")
+            if kind in ("abs", "sq") and bool((t < 0).any()):
+                raise QeraError(f"{what}statistic {kind!r} has negative entries{where(self.name)}")
+        return self
 
     def merge(self, other: "ActivationStats") -> "ActivationStats":
         """Add another accumulator of the same width and kinds into this one (returns self)."""
@@ -144,10 +180,75 @@ class ActivationStats:
         return ActivationStats(self.dim, self.kinds, self.name, self.count, {k: v.to(device) for k, v in self.sums.items()})
 
 
+@dataclass
+class CalibrationStats:
+    """Statistics per distinct layer input; ``groups`` maps every layer name to its input's key.
+
+    Layers fed the same tensor (q/k/v, gate/up) share one :class:`ActivationStats`.
+    """
+
+    stats: dict[str, ActivationStats]
+    groups: dict[str, str]
+    extra: dict = field(default_factory=dict)
+
+    def __getitem__(self, layer: str) -> ActivationStats:
+        try:
+            return self.stats[self.groups[layer]]
+        except KeyError:
+            raise QeraError(f"no calibration statistics for layer {layer}") from None
+
+    def __contains__(self, layer: str) -> bool:
+        return layer in self.groups and self.groups[layer] in self.stats
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return frozenset.intersection(*(s.kinds for s in self.stats.values())) if self.stats else frozenset()
+
+    @property
+    def tokens(self) -> int:
+        return max((s.count for s in self.stats.values()), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.stats.values() for t in s.sums.values())
+
+    def release(self, layer: str, done: set[str]) -> None:
+        """Free a statistic once every layer sharing it is in ``done``."""
+        key = self.groups.get(layer)
+        if key is not None and all(l in done for l, k in self.groups.items() if k == key):
+            self.stats.pop(key, None)
+
+    def update(self, other: "CalibrationStats") -> "CalibrationStats":
+        """Add the layers of ``other`` (e.g. one block's statistics) to this collection."""
+        self.stats.update(other.stats)
+        self.groups.update(other.groups)
+        return self
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_stats(self.stats, path, extra={**self.extra, "groups": json.dumps(self.groups)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "CalibrationStats":
+        stats = load_stats(path, device)
+        extra = load_stats_extra(path)
+        try:
+            groups = json.loads(extra.pop("groups", "{}")) or {k: k for k in stats}
+        except (TypeError, json.JSONDecodeError):
+            raise QeraError(f"{path}: the layer groups in its header are not valid JSON") from None
+        if not isinstance(groups, dict):
+            raise QeraError(f"{path}: the layer groups in its header are not a table")
+        dangling = sorted(k for k, v in groups.items() if v not in stats)
+        if dangling:
+            raise QeraError(f"{path}: layer(s) {dangling[:3]} point to statistics that are not in the file")
+        return cls(stats, groups, extra)
+
+
 # -- persistence -------------------------------------------------------------------------------
 def save_stats(stats: Mapping[str, ActivationStats], path: str | os.PathLike, extra: dict | None = None) -> None:
     """Write named statistics to one safetensors file, atomically (temp file + rename)."""
     from safetensors.torch import save_file
+
+    from .atomic import write_file
 
     tensors: dict[str, torch.Tensor] = {}
     meta = {}
@@ -156,42 +257,53 @@ def save_stats(stats: Mapping[str, ActivationStats], path: str | os.PathLike, ex
         for kind, value in st.sums.items():
             tensors[f"{key}::{kind}"] = value.detach().to("cpu").contiguous()
     header = {"qera_stats": json.dumps({"layers": meta, "extra": extra or {}})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=header)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
-def load_stats(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, ActivationStats]:
-    """Read statistics written by :func:`save_stats`."""
+def _read_header(path: Path) -> dict:
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
     if not path.is_file():
         raise QeraError(f"statistics file not found: {path}")
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt") as f:
             header = json.loads((f.metadata() or {})["qera_stats"])
-            out = {}
-            for key, m in header["layers"].items():
-                st = ActivationStats(m["dim"], frozenset(m["kinds"]), key, m["count"])
-                for kind in m["kinds"]:
-                    name = f"{key}::{kind}"
-                    if name in f.keys():
-                        st.sums[kind] = f.get_tensor(name)
-                out[key] = st
     except (KeyError, TypeError, json.JSONDecodeError, OSError, SafetensorError) as exc:  # not our file
         raise QeraError(f"{path} is not a qera statistics file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("layers"), dict):
+        raise QeraError(f"{path} is not a qera statistics file (no 'layers' table in its header)")
+    return header
+
+
+def load_stats(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, ActivationStats]:
+    """Read statistics written by :func:`save_stats`; every tensor is checked (shape, NaN/Inf)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    header = _read_header(path)
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            keys = set(f.keys())
+            for key, m in header["layers"].items():
+                try:
+                    st = ActivationStats(int(m["dim"]), frozenset(m["kinds"]), key, int(m["count"]))
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise QeraError(f"{path}: bad header entry for {key} ({type(exc).__name__}: {exc})") from None
+                for kind in st.kinds:
+                    name = f"{key}::{kind}"
+                    if name not in keys:
+                        if st.count == 0:
+                            continue  # an accumulator that never saw a row has no sums
+                        raise QeraError(f"{path}: tensor {name} is missing")
+                    st.sums[kind] = f.get_tensor(name)
+                out[key] = st.validate(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise QeraError(f"{path} is not a readable statistics file ({type(exc).__name__}: {exc})") from None
     return out
 
 
 def load_stats_extra(path: str | os.PathLike) -> dict:
     """The ``extra`` dictionary stored with :func:`save_stats` (model name, calibration settings)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {})["qera_stats"]).get("extra", {})
+    extra = _read_header(Path(path)).get("extra", {})
+    return extra if isinstance(extra, dict) else {}

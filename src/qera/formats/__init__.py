@@ -22,6 +22,8 @@ from . import mxint, integer, normalfloat  # noqa: E402,F401  (registration)
 from .packing import pack_bits, unpack_bits  # noqa: E402
 
 _SPEC = re.compile(r"^([a-z]+)(\d+)$")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def parse_format(spec: "str | WeightFormat") -> WeightFormat:
@@ -42,20 +44,30 @@ def parse_format(spec: "str | WeightFormat") -> WeightFormat:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "bits"}
     kwargs: dict[str, object] = {}
     for opt in opts:
-        key, _, value = opt.partition("=")
-        key = key.strip()
-        if key == "sym" and "asym" in fields:
-            kwargs["asym"] = False
-            continue
-        if key not in fields:
+        key, sep, value = opt.partition("=")
+        key, value = key.strip(), value.strip()
+        target = "asym" if key == "sym" and "asym" in fields else key
+        if target not in fields:
             raise QeraError(
                 f"format {spec!r}: unknown option {key!r} for {family}; allowed: {', '.join(fields) or 'none'}"
             )
-        if fields[key].type in ("bool", bool):
-            kwargs[key] = value in ("", "1", "true", "yes")
+        if target in kwargs:
+            raise QeraError(f"format {spec!r}: option {key!r} is given twice")
+        if fields[target].type in ("bool", bool):
+            if not sep or value in _TRUE:
+                flag = True
+            elif value in _FALSE:
+                flag = False
+            else:
+                raise QeraError(
+                    f"format {spec!r}: option {key} takes no value or one of {', '.join(_TRUE + _FALSE)}, got {value!r}"
+                )
+            kwargs[target] = (not flag) if key == "sym" else flag
         else:
+            if not sep:
+                raise QeraError(f"format {spec!r}: option {key} needs a value, e.g. {key}=32")
             try:
-                kwargs[key] = int(value)
+                kwargs[target] = int(value)
             except ValueError:
                 raise QeraError(f"format {spec!r}: option {key} needs an integer, got {value!r}") from None
     return cls(bits=bits, **kwargs)

@@ -32,6 +32,13 @@ def as_rows(w: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
     return x.view(x.shape[0], -1, block), cols
 
 
+def block_grid(shape: tuple[int, ...], block: int) -> tuple[int, int]:
+    """``(rows, blocks per row)`` of :func:`as_rows` for a weight of ``shape``."""
+    cols = shape[-1] if len(shape) else 1
+    rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    return rows, -(-cols // block)
+
+
 def from_rows(blocks: torch.Tensor, shape: torch.Size, cols: int) -> torch.Tensor:
     """Inverse of :func:`as_rows`: drop the padding and restore ``shape``."""
     rows = blocks.shape[0]
@@ -96,9 +103,33 @@ class WeightFormat(ABC):
     def decode(self, tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
         """Dequantize stored tensors back to a float32 tensor of ``shape``."""
 
+    @abstractmethod
+    def stored_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each stored tensor for a weight of ``shape`` (no data touched)."""
+
     def quantize(self, w: torch.Tensor, name: str | None = None) -> "QuantizedWeight":
         check_weight(w, name)
-        return QuantizedWeight(fmt=self, shape=tuple(w.shape), dtype=w.dtype, tensors=self.encode(w))
+        try:
+            tensors = self.encode(w)
+        except QeraError as exc:
+            raise QeraError(f"{exc}{f' (layer {name})' if name else ''}") from None
+        return QuantizedWeight(fmt=self, shape=tuple(w.shape), dtype=w.dtype, tensors=tensors)
+
+    def check_stored(self, tensors: dict[str, torch.Tensor], shape: tuple[int, ...], what: str = "") -> None:
+        """Raise a clear error unless ``tensors`` are exactly what :meth:`encode` stores for ``shape``."""
+        want = self.stored_shapes(tuple(shape))
+        label = f"{what}: " if what else ""
+        if set(tensors) != set(want):
+            raise QeraError(
+                f"{label}format {self} stores tensors {sorted(want)}, found {sorted(tensors)}"
+            )
+        for key, (shp, dt) in want.items():
+            t = tensors[key]
+            if tuple(t.shape) != tuple(shp) or t.dtype != dt:
+                raise QeraError(
+                    f"{label}{key} is {tuple(t.shape)} {t.dtype}, but format {self} for a weight of shape "
+                    f"{tuple(shape)} stores {tuple(shp)} {dt}"
+                )
 
     def fake_quantize(self, w: torch.Tensor, name: str | None = None) -> torch.Tensor:
         """``dq(q(w))`` in the dtype of ``w``."""

@@ -17,8 +17,8 @@ import torch
 
 from ..errors import QeraError
 from . import FORMATS
-from .base import WeightFormat, as_rows, from_rows
-from .packing import pack_bits, unpack_bits
+from .base import WeightFormat, as_rows, block_grid, from_rows
+from .packing import pack_bits, packed_nbytes, unpack_bits
 
 
 def _fp16_param(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -68,6 +68,14 @@ class IntFormat(WeightFormat):
         s = torch.where(scale.float() > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
         q = torch.round(blocks / s.unsqueeze(-1)).clamp_(-qmax, qmax)
         return {"codes": pack_bits((q + qmax).to(torch.int64), self.bits), "scales": scale}
+
+    def stored_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        rows, ng = block_grid(shape, self.group)
+        out = {"codes": ((packed_nbytes(rows * ng * self.group, self.bits),), torch.uint8),
+               "scales": ((rows, ng), torch.float16)}
+        if self.asym:
+            out["mins"] = ((rows, ng), torch.float16)
+        return out
 
     def decode(self, tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
         scale = tensors["scales"].float()  # (rows, ng)

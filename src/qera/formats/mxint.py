@@ -18,8 +18,8 @@ import torch
 
 from ..errors import QeraError
 from . import FORMATS
-from .base import WeightFormat, as_rows, from_rows
-from .packing import pack_bits, unpack_bits
+from .base import WeightFormat, as_rows, block_grid, from_rows
+from .packing import pack_bits, packed_nbytes, unpack_bits
 
 EXP_BIAS = 127
 
@@ -61,6 +61,11 @@ class MXIntFormat(WeightFormat):
             "codes": pack_bits(codes, self.bits),
             "exponents": (exp + EXP_BIAS).to(torch.uint8),
         }
+
+    def stored_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        rows, nb = block_grid(shape, self.block)
+        return {"codes": ((packed_nbytes(rows * nb * self.block, self.bits),), torch.uint8),
+                "exponents": ((rows, nb), torch.uint8)}
 
     def decode(self, tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
         exps = tensors["exponents"].to(torch.int32) - EXP_BIAS  # (rows, nb)

@@ -15,8 +15,8 @@ import torch
 
 from ..errors import QeraError
 from . import FORMATS
-from .base import WeightFormat, as_rows, from_rows
-from .packing import pack_bits, unpack_bits
+from .base import WeightFormat, as_rows, block_grid, from_rows
+from .packing import pack_bits, packed_nbytes, unpack_bits
 
 
 @lru_cache(maxsize=None)
@@ -66,6 +66,11 @@ class NFFormat(WeightFormat):
         mids = (levels[1:] + levels[:-1]) / 2
         idx = torch.bucketize((blocks / s).clamp_(-1, 1), mids)
         return {"codes": pack_bits(idx, self.bits), "absmax": absmax}
+
+    def stored_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        rows, nb = block_grid(shape, self.block)
+        return {"codes": ((packed_nbytes(rows * nb * self.block, self.bits),), torch.uint8),
+                "absmax": ((rows, nb), torch.float16)}
 
     def decode(self, tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
         absmax = tensors["absmax"].float()

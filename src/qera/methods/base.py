@@ -12,7 +12,7 @@ import torch
 from ..errors import QeraError, where
 from ..formats import QuantizedWeight, WeightFormat
 from ..linalg import SolverOptions
-from ..statistics import ActivationStats
+from ..statistics import ActivationStats, provided
 
 
 @dataclass
@@ -78,6 +78,10 @@ class Method(ABC):
                 raise QeraError(f"statistics width {stats.dim} != in_features {in_f}{where(name)}")
             if stats.count == 0:
                 raise QeraError(f"statistics hold no tokens{where(name)}")
+            missing = set(self.needs) - provided(stats.kinds)
+            if missing:
+                raise QeraError(f"method {self.name!r} needs statistics {sorted(missing)}, which were not collected{where(name)}")
+            stats.validate()  # NaN/Inf or wrong shapes never reach A and B
 
     # -- solving --------------------------------------------------------------------------------
     @abstractmethod
@@ -104,6 +108,9 @@ class Method(ABC):
             w_q, qw = qweight.detach().to(device=W.device, dtype=torch.float32), None
         if w_q.shape != W32.shape:
             raise QeraError(f"W has shape {tuple(W32.shape)} but W_q has shape {tuple(w_q.shape)}{where(name)}")
+        if not torch.isfinite(W32).all():
+            bad = int((~torch.isfinite(W32)).sum())
+            raise QeraError(f"W has {bad} NaN/Inf value(s){where(name)}")
         if not torch.isfinite(w_q).all():
             raise QeraError(f"W_q contains NaN/Inf{where(name)}")
         if not self.uses_rank:

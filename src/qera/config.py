@@ -1,0 +1,118 @@
+"""``QuantConfig``: what to quantize and how; it identifies a checkpoint (saved in its JSON)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import QeraError
+from .formats import parse_format
+from .methods import METHODS, get_method
+from .targets import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, compile_patterns
+
+CONFIG_VERSION = 2
+LOWRANK_DTYPES = ("float16", "bfloat16", "float32")
+PIPELINES = ("oneshot", "sequential", "auto")
+PROPAGATE = ("fp", "quantized")
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how. JSON round-trips through :meth:`to_dict` / :meth:`from_dict`.
+
+    format: weight format spec (``mxint4``, ``int4:group=128``, ``nf4`` ...).
+    method: reconstruction method name (see ``qera.METHODS``).
+    rank: rank of the low-rank term (0 for ``w-only``).
+    method_options: keyword options of the method (``iters`` for loftq, ``exact``, ``damp`` ...).
+    include / exclude: regexes on module names (defaults: every linear layer in the decoder
+        blocks, never ``lm_head`` or embeddings).
+    rank_overrides: ``{regex: rank}``; the first matching regex sets the layer's rank.
+    lowrank_dtype: storage dtype of ``A`` and ``B``.
+    seed: seed of the randomized solver.
+    pipeline: ``oneshot`` (whole model, all statistics at once), ``sequential`` (one decoder block
+        at a time over cached block inputs) or ``auto`` (sequential when the one-shot statistics
+        would not fit the memory budget).
+    propagate: with ``sequential``, the next block's inputs are the outputs of the original block
+        (``fp``, same result as one-shot) or of the quantized block (``quantized``, as GPTQ does).
+    """
+
+    format: str = "mxint4"
+    method: str = "qera-exact"
+    rank: int = 32
+    method_options: dict[str, Any] = field(default_factory=dict)
+    include: list[str] = field(default_factory=lambda: list(DEFAULT_INCLUDE))
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    rank_overrides: dict[str, int] = field(default_factory=dict)
+    lowrank_dtype: str = "float16"
+    seed: int = 0
+    pipeline: str = "oneshot"
+    propagate: str = "fp"
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        self.format = str(parse_format(self.format))
+        method_cls = METHODS.get(self.method)  # raises with the known names
+        uses_rank = method_cls.uses_rank
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
+            raise QeraError(f"rank must be a non-negative integer, got {self.rank!r}")
+        if uses_rank and self.rank == 0:
+            raise QeraError(f"method {self.method!r} needs rank >= 1")
+        if not uses_rank:
+            self.rank = 0
+        if self.lowrank_dtype not in LOWRANK_DTYPES:
+            raise QeraError(f"lowrank_dtype must be one of {LOWRANK_DTYPES}, got {self.lowrank_dtype!r}")
+        if not isinstance(self.method_options, dict):
+            raise QeraError(f"method_options must be a dict, got {type(self.method_options).__name__}")
+        for what, patterns in (("include", self.include), ("exclude", self.exclude)):
+            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+                raise QeraError(f"{what} must be a list of regex strings, got {patterns!r}")
+            compile_patterns(patterns, what)
+        compile_patterns(list(self.rank_overrides), "rank override")
+        for pattern, r in self.rank_overrides.items():
+            if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+                raise QeraError(f"rank override for {pattern!r} must be a non-negative integer, got {r!r}")
+        if not isinstance(self.seed, int):
+            raise QeraError(f"seed must be an integer, got {self.seed!r}")
+        if self.pipeline not in PIPELINES:
+            raise QeraError(f"pipeline must be one of {', '.join(PIPELINES)}, got {self.pipeline!r}")
+        if self.propagate not in PROPAGATE:
+            raise QeraError(f"propagate must be one of {', '.join(PROPAGATE)}, got {self.propagate!r}")
+        if self.propagate == "quantized" and self.pipeline == "oneshot":
+            raise QeraError("propagate='quantized' needs pipeline='sequential' (or 'auto')")
+        if self.version != CONFIG_VERSION:
+            raise QeraError(f"unsupported config version {self.version} (this qera reads {CONFIG_VERSION})")
+        get_method(self.method, **self.solver_options())  # validates the options
+
+    def solver_options(self) -> dict[str, Any]:
+        opts = dict(self.method_options)
+        if METHODS.get(self.method).uses_rank:
+            opts.setdefault("seed", self.seed)
+        return opts
+
+    def rank_for(self, name: str) -> int:
+        for pattern, r in self.rank_overrides.items():
+            if re.search(pattern, name):
+                return r
+        return self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "QuantConfig":
+        """Read a config written by this or an earlier qera (version 1 had no pipeline fields)."""
+        if not isinstance(d, Mapping):
+            raise QeraError(f"a quantization config must be a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        if d.get("version", 1) == 1:
+            d["version"] = CONFIG_VERSION
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise QeraError(f"unknown quantization config key(s): {sorted(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise QeraError(f"bad quantization config: {exc}") from None

@@ -1,0 +1,60 @@
+"""What every driver receives: the model, its targets, the per-layer step and the run options."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..layer import LayerQuantizer, LayerResult
+from ..report import QuantReport
+from ..statistics import CalibrationStats
+from ..targets import replace_module
+
+
+@dataclass
+class DriverContext:
+    """Inputs of one quantization run.
+
+    calibration: batches (``input_ids``/``attention_mask``) or None when ``stats`` are given.
+    kinds: statistics to collect (the method's needs, plus ``xtx`` when output errors are reported).
+    output_error: report layer output errors where ``Σxᵀx`` is available.
+    sink: builds each replacement module from a :class:`~qera.layer.LayerResult`.
+    device: where blocks are computed (sequential); None keeps the model where it is.
+    max_memory / gpu_memory: budgets (bytes) for host and device placement decisions.
+    offload_dir: where cached activations go when they exceed the host budget.
+    placer: onloads/offloads blocks (in memory, or streamed from shards).
+    writer: streaming checkpoint writer (sequential), or None.
+    """
+
+    model: nn.Module
+    targets: dict[str, nn.Module]
+    quantizer: LayerQuantizer
+    report: QuantReport
+    sink: Callable[[str, nn.Module, LayerResult], nn.Module]
+    calibration: Sequence[Mapping[str, torch.Tensor]] | None = None
+    stats: CalibrationStats | None = None
+    kinds: frozenset[str] = frozenset()
+    output_error: bool = True
+    progress: bool = True
+    device: torch.device | None = None
+    max_memory: int | None = None
+    gpu_memory: int | None = None
+    offload_dir: str | os.PathLike | None = None
+    placer: object | None = None
+    writer: object | None = None
+    replaced: dict[str, nn.Module] = field(default_factory=dict)
+
+    def replace(self, name: str, new: nn.Module) -> None:
+        """Swap a layer, remembering the original so that a failed run can put it back."""
+        old = replace_module(self.model, name, new)
+        self.replaced.setdefault(name, old)
+
+    def restore(self) -> None:
+        """Put every replaced layer back (the caller's model is never left half-quantized)."""
+        for name, old in self.replaced.items():
+            replace_module(self.model, name, old)
+        self.replaced.clear()

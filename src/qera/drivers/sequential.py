@@ -1,0 +1,171 @@
+"""The sequential driver: one decoder block at a time over cached block inputs.
+
+For each block: onload it, run the cached inputs through it with statistics recorded, solve and
+replace its layers, free their statistics, and turn the block's outputs into the next block's
+inputs — the original block's (``propagate="fp"``: taken from the recording forward itself, so
+the result equals the one-shot driver's) or the quantized block's (``propagate="quantized"``: a
+second forward, so later layers calibrate on the inputs they will really see). Only one block's
+weights and statistics, the activations and the packed output so far are ever in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import model_device, runner_for
+from ..capture import capture_block_inputs, block_output_is_tuple
+from ..errors import QeraError
+from ..recording import probe_shared_inputs, record_statistics
+from ..streaming import Placer
+from ..targets import block_index, find_blocks
+from . import DRIVERS
+from .base import DriverContext
+
+log = logging.getLogger(__name__)
+
+
+def _split_by_block(ctx: DriverContext, blocks_name: str) -> dict[int, dict[str, nn.Module]]:
+    by_block: dict[int, dict[str, nn.Module]] = defaultdict(dict)
+    outside = []
+    for name, mod in ctx.targets.items():
+        i = block_index(name, blocks_name)
+        if i is None:
+            outside.append(name)
+        else:
+            by_block[i][name] = mod
+    if outside:
+        raise QeraError(
+            f"the sequential pipeline quantizes layers inside the decoder blocks ({blocks_name}.N); "
+            f"{outside[:3]} are outside them: use pipeline='oneshot' or exclude them"
+        )
+    return by_block
+
+
+def _block_modules(block: nn.Module, prefix: str, names: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The current module objects of ``names`` (they change when a block is re-materialized)."""
+    return {n: block.get_submodule(n[len(prefix):]) for n in names}
+
+
+@DRIVERS.register("sequential")
+def run_sequential(ctx: DriverContext) -> None:
+    """Quantize block by block; see the module docstring."""
+    if ctx.calibration is None:
+        if ctx.kinds or ctx.quantizer.config.propagate == "quantized":
+            raise QeraError("the sequential pipeline needs calibration batches (it records statistics per block)")
+    if ctx.stats is not None:
+        log.info("sequential pipeline: the given statistics are not used; they are recorded block by block")
+    model = ctx.model
+    blocks_name, blocks = find_blocks(model, list(ctx.targets))
+    by_block = _split_by_block(ctx, blocks_name)
+    runner = runner_for(model, ctx.targets)
+    input_device = model_device(model)
+    device = torch.device(ctx.device) if ctx.device is not None else input_device
+    placer = ctx.placer if ctx.placer is not None else Placer(device)
+    propagate = ctx.quantizer.config.propagate
+    writer = ctx.writer
+    q = ctx.quantizer
+    batches = list(ctx.calibration or [])
+    if not batches:
+        raise QeraError("no calibration batches")
+    t_cal = time.perf_counter()
+    prefix0 = f"{blocks_name}.0."
+    placer.onload(0, blocks[0], prefix0)
+    tuple_out = block_output_is_tuple(runner, blocks, batches[0], input_device, device)
+    captured = capture_block_inputs(
+        runner, blocks, batches, input_device, device, tuple_out,
+        budget=ctx.max_memory, gpu_budget=ctx.gpu_memory, offload_dir=ctx.offload_dir,
+    )
+    ctx.report.notes.extend(captured.notes)
+    ctx.report.calibration_tokens = captured.tokens
+    cache = captured.cache
+    done = writer.done_blocks if writer is not None else 0
+    solve_s = 0.0
+    ctx.report.calibration_seconds = time.perf_counter() - t_cal
+    bar = tqdm(range(len(blocks)), desc=f"{q.config.method} {q.config.format} by block", unit="block",
+               disable=not ctx.progress)
+    try:
+        for i in bar:
+            block, prefix = blocks[i], f"{blocks_name}.{i}."
+            if i > 0:
+                placer.onload(i, block, prefix)
+            names = by_block.get(i, {})
+            t0 = time.perf_counter()
+            calls = [c[i] for c in captured.calls]
+            if i < done:  # resume: replay the finished block to rebuild the next inputs
+                _replay(ctx, writer, i, block, prefix, names, calls, cache, propagate)
+                placer.offload(i, block, prefix)
+                ctx.report.calibration_seconds += time.perf_counter() - t0
+                continue
+            if not names:
+                with torch.no_grad():
+                    for b, call in enumerate(calls):
+                        cache.put(b, call(block, cache.get(b)))
+            else:
+                mods = _block_modules(block, prefix, names)
+                probe = captured.probe_calls[i]
+                groups = probe_shared_inputs(mods, lambda: probe(block, captured.probe_hidden))
+                with record_statistics(mods, ctx.kinds, groups) as rec, torch.no_grad():
+                    for b, call in enumerate(calls):
+                        rec.mask = captured.masks[b]
+                        out = call(block, cache.get(b))
+                        if propagate == "fp":
+                            cache.put(b, out)
+                        del out
+                    stats = rec.stats
+                ctx.report.calibration_seconds += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                for name, mod in mods.items():  # checked before any layer of the block is replaced
+                    q.check(name, mod, stats[name] if name in stats else None)
+                finished: set[str] = set()
+                reports = []
+                for name, mod in mods.items():
+                    result = q(name, mod, stats[name] if name in stats else None, ctx.output_error)
+                    result.report.block = i
+                    ctx.replace(name, ctx.sink(name, mod, result))
+                    reports.append(result.report)
+                    finished.add(name)
+                    stats.release(name, finished)
+                del stats
+                ctx.report.layers.extend(reports)
+                solve_s += time.perf_counter() - t1
+                if propagate == "quantized":
+                    t2 = time.perf_counter()
+                    with torch.no_grad():
+                        for b, call in enumerate(calls):
+                            cache.put(b, call(block, cache.get(b)))
+                    ctx.report.calibration_seconds += time.perf_counter() - t2
+                if writer is not None:
+                    writer.add_block(i, prefix, block, reports)
+            if writer is not None and not names:
+                writer.add_block(i, prefix, block, [])
+            placer.offload(i, block, prefix)
+            bar.set_postfix(layers=len(ctx.report.layers))
+    finally:
+        cache.close()
+        bar.close()
+    ctx.report.solve_seconds = solve_s
+
+
+def _replay(ctx: DriverContext, writer, i: int, block: nn.Module, prefix: str, names: dict[str, nn.Module],
+            calls, cache, propagate: str) -> None:
+    """A block finished by an interrupted run: put its saved layers in and recompute its outputs."""
+    stored = writer.stored_layers(i, ctx.quantizer.config) if names else {}
+
+    def swap_in() -> None:
+        for name, new in stored.items():
+            ctx.replace(name, new.to(next(iter(block.parameters())).device))
+
+    if propagate == "quantized":
+        swap_in()
+    with torch.no_grad():
+        for b, call in enumerate(calls):
+            cache.put(b, call(block, cache.get(b)))
+    if propagate == "fp":
+        swap_in()
+    ctx.report.layers.extend(writer.stored_reports(i))

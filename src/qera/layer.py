@@ -1,0 +1,163 @@
+"""The per-layer step: quantize ``W`` → reconstruct ``(A, B)`` → report. Both drivers call it.
+
+The step knows nothing about models or how statistics were gathered: it takes a weight
+``(out, in)``, an optional bias and the layer's :class:`~qera.statistics.ActivationStats`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .errors import QeraError, where
+from .formats import QuantizedWeight, parse_format
+from .methods import Reconstruction, get_method
+from .metrics import weight_error
+from .report import LayerReport
+from .statistics import ActivationStats, provided
+from .targets import linear_shape, linear_weight
+
+log = logging.getLogger(__name__)
+
+# Output errors of layers with out·in² above this are computed in float32 (float64 sum).
+FLOAT64_REPORT_FLOPS = 2e9
+
+
+@dataclass
+class LayerResult:
+    """One solved layer: ``W ≈ W̃ + B A`` with ``A: (rank, in)``, ``B: (out, rank)`` in float32."""
+
+    name: str
+    qweight: QuantizedWeight
+    A: torch.Tensor
+    B: torch.Tensor
+    report: LayerReport
+
+
+def output_errors(
+    D: torch.Tensor, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor
+) -> tuple[float, float]:
+    """``(trace(D R Dᵀ), trace(E R Eᵀ))`` with ``E = D - B A``, from one ``D R`` product.
+
+    ``E R = D R - B (A R)`` costs only thin products beyond ``D R``. Small layers are computed in
+    float64; large ones in float32 products with float64 sums (relative error ~1e-6).
+    """
+    out_f, in_f = D.shape
+    dtype = torch.float64 if out_f * in_f * in_f <= FLOAT64_REPORT_FLOPS else torch.float32
+    Dc, Rc = D.to(dtype), R.to(device=D.device, dtype=dtype)
+    DR = Dc @ Rc
+    before = float((DR * Dc).sum(dtype=torch.float64))
+    if A.numel() == 0:
+        return before, before
+    Ac, Bc = A.to(D.device, dtype), B.to(D.device, dtype)
+    E = Dc - Bc @ Ac
+    ER = DR - Bc @ (Ac @ Rc)
+    return before, float((ER * E).sum(dtype=torch.float64))
+
+
+class LayerQuantizer:
+    """Quantize and reconstruct one layer at a time under a :class:`QuantConfig`."""
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+        self.fmt = parse_format(config.format)
+        self.method = get_method(config.method, **config.solver_options())
+        self.lowrank_bits = torch.finfo(getattr(torch, config.lowrank_dtype)).bits
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset(self.method.needs)
+
+    def rank_for(self, name: str) -> int:
+        return self.config.rank_for(name) if self.method.uses_rank else 0
+
+    def check(self, name: str, module: nn.Module, stats: ActivationStats | None) -> None:
+        """Everything that can be checked before any layer is replaced (shape, rank, statistics)."""
+        out_f, in_f = linear_shape(module)
+        rank = self.rank_for(name)
+        if rank > min(out_f, in_f):
+            raise QeraError(
+                f"rank must be an integer in 1..{min(out_f, in_f)} for a {out_f}x{in_f} weight, got {rank}{where(name)}"
+            )
+        if rank == 0 or not self.needs:
+            return
+        if stats is not None and stats.count == 0:
+            return  # no tokens reached this layer (a rarely routed expert): the solve falls back, see __call__
+        if stats is None:
+            raise QeraError(f"method {self.config.method!r} needs calibration statistics{where(name)}")
+        missing = self.needs - provided(stats.kinds)
+        if missing:
+            raise QeraError(f"the statistics lack {sorted(missing)} needed by {self.config.method}{where(name)}")
+        if stats.dim != in_f:
+            raise QeraError(f"statistics width {stats.dim} != in_features {in_f}{where(name)}")
+
+    def __call__(
+        self, name: str, module: nn.Module, stats: ActivationStats | None, output_error: bool = True
+    ) -> LayerResult:
+        W = linear_weight(module).detach()
+        rank = self.rank_for(name)
+        t0 = time.perf_counter()
+        q0 = self.fmt.quantize(W, name)
+        note = None
+        if rank == 0:  # w-only, or a rank override of 0: quantization alone
+            w_q = q0.dequantize(torch.float32)
+            rec = Reconstruction(w_q.new_zeros(0, W.shape[1]), w_q.new_zeros(W.shape[0], 0), w_q, q0)
+        elif self.needs and stats is not None and stats.count == 0:
+            note = "no calibration tokens reached this layer: its low-rank term minimizes the weight error"
+            log.warning("%s: %s", name, note)
+            fallback = get_method("zeroquant-v2", seed=self.config.seed)
+            rec = fallback.solve(W, q0, rank, None, self.fmt, name)
+        else:
+            self.method.check(W, rank, stats, name)
+            rec = self.method.solve(W, q0, rank, stats, self.fmt, name)
+        if not (torch.isfinite(rec.A).all() and torch.isfinite(rec.B).all()):
+            raise QeraError(f"the {self.config.method} solve produced NaN/Inf{where(name)}")
+        seconds = time.perf_counter() - t0
+        report = self._report(name, W, q0, rec, stats, output_error, seconds)
+        report.note = note
+        return LayerResult(name, rec.qweight, rec.A, rec.B, report)
+
+    def _report(self, name, W, q0, rec: Reconstruction, stats, output_error: bool, seconds: float) -> LayerReport:
+        out_f, in_f = W.shape
+        w_q0 = rec.w_q if rec.qweight is q0 else q0.dequantize(torch.float32)  # LoftQ replaces W̃
+        W32 = W.to(torch.float32)
+        oe_before = oe_after = None
+        if output_error and stats is not None and "xtx" in stats.kinds and stats.count > 0:
+            R = stats.autocorrelation()
+            if rec.qweight is q0:
+                oe_before, oe_after = output_errors(W32 - rec.w_q, rec.A, rec.B, R)
+            else:  # LoftQ: "before" is the first W̃, "after" the last W̃ + BA
+                oe_before, _ = output_errors(W32 - w_q0, rec.A[:0], rec.B[:, :0], R)
+                _, oe_after = output_errors(W32 - rec.w_q, rec.A, rec.B, R)
+        r = rec.rank
+        return LayerReport(
+            name=name, shape=(out_f, in_f), format=str(self.fmt), rank=r,
+            bits_weight=self.fmt.bits_per_weight,
+            bits_total=self.fmt.bits_per_weight + self.lowrank_bits * r * (in_f + out_f) / (in_f * out_f),
+            weight_error_before=weight_error(W, w_q0),
+            weight_error_after=weight_error(W, rec.w_q, rec.A, rec.B),
+            output_error_before=oe_before, output_error_after=oe_after, seconds=seconds,
+            tokens=stats.count if stats is not None else None,
+        )
+
+
+class LayerSink(Protocol):
+    """Builds the module that replaces a solved layer (PTQ: a QERALinear with A, B)."""
+
+    def __call__(self, name: str, module: nn.Module, result: LayerResult) -> nn.Module: ...
+
+
+def ptq_sink(lowrank_dtype: torch.dtype, cache_weight: bool = True) -> Callable[[str, nn.Module, LayerResult], nn.Module]:
+    """The PTQ sink: ``QERALinear(W̃, A, B)`` on the layer's device, A/B stored in ``lowrank_dtype``."""
+    from .modules import QERALinear
+
+    def sink(name: str, module: nn.Module, result: LayerResult) -> nn.Module:
+        return QERALinear.from_result(module, result, lowrank_dtype, cache_weight)
+
+    return sink

@@ -1,0 +1,70 @@
+"""Per-layer and per-run reports: data, not printout (JSON round trip, summaries)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._version import __version__
+from .config import QuantConfig
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    format: str
+    rank: int
+    bits_weight: float  # bits per weight of W̃ (codes + scales)
+    bits_total: float  # including A and B at their storage dtype
+    weight_error_before: float
+    weight_error_after: float
+    output_error_before: float | None  # trace(E R Eᵀ); None without the autocorrelation
+    output_error_after: float | None
+    seconds: float
+    tokens: int | None = None  # calibration rows behind this layer's statistics
+    block: int | None = None  # decoder block index (sequential pipeline)
+    note: str | None = None  # e.g. a fallback taken for this layer
+
+
+@dataclass
+class QuantReport:
+    config: QuantConfig
+    layers: list[LayerReport] = field(default_factory=list)
+    calibration_seconds: float = 0.0
+    solve_seconds: float = 0.0
+    calibration_tokens: int = 0
+    pipeline: str = "oneshot"
+    notes: list[str] = field(default_factory=list)
+
+    def quality(self) -> dict[str, Any]:
+        """The deterministic part of the summary (no timings): bits and output-error ratio."""
+        n = sum(l.shape[0] * l.shape[1] for l in self.layers) or 1
+
+        def wavg(attr: str) -> float:
+            return sum(getattr(l, attr) * l.shape[0] * l.shape[1] for l in self.layers) / n
+
+        pairs = [(l.output_error_after, l.output_error_before) for l in self.layers
+                 if l.output_error_before is not None and l.output_error_after is not None]
+        ratios = [a / b for a, b in pairs if b > 0]
+        return {
+            "layers": len(self.layers),
+            "params": n,
+            "bits_weight": wavg("bits_weight"),
+            "bits_total": wavg("bits_total"),
+            "mean_output_error_ratio": sum(ratios) / len(ratios) if ratios else None,
+            "calibration_tokens": self.calibration_tokens,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        return {**self.quality(), "calibration_seconds": self.calibration_seconds,
+                "solve_seconds": self.solve_seconds, "pipeline": self.pipeline}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "summary": self.summary(), "notes": list(self.notes),
+                "layers": [dataclasses.asdict(l) for l in self.layers], "qera_version": __version__}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)

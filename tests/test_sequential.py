@@ -1,0 +1,264 @@
+"""The sequential driver: equal to one-shot, streamed from shards, resumable after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qera import QERALinear, QeraError, QuantConfig, load_quantized, quantize_and_save, quantize_model, save_quantized
+from qera.checkpoint import read_qera_config
+from qera.data import calibration_batches
+from qera.metrics import layer_output_error
+from tiny import TEXT, byte_tokenizer, tiny_llama
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def batches(tok):
+    return calibration_batches(tok, TEXT, n_samples=12, seq_len=48, seed=0, batch_size=4)
+
+
+def padded_batches(tok):
+    seqs = [tok(s)["input_ids"] for s in ("short text here", "a much longer piece of text for the batch", "mid size")]
+    L = max(map(len, seqs))
+    ids = torch.full((3, L), tok.pad_token_id)
+    mask = torch.zeros(3, L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return [{"input_ids": ids, "attention_mask": mask}]
+
+
+@pytest.mark.parametrize("method", ["qera-exact", "lqer", "loftq", "w-only"])
+def test_sequential_fp_equals_oneshot_bit_for_bit(batches, method):
+    rank = 0 if method == "w-only" else 8
+    opts = {"iters": 2} if method == "loftq" else {}
+    a, b = tiny_llama(layers=3), tiny_llama(layers=3)
+    ra = quantize_model(a, QuantConfig(format="mxint3", method=method, rank=rank, method_options=opts),
+                        calibration=batches, report_output_error=True, progress=False)
+    rb = quantize_model(b, QuantConfig(format="mxint3", method=method, rank=rank, method_options=opts,
+                                       pipeline="sequential"),
+                        calibration=batches, report_output_error=True, progress=False)
+    assert rb.pipeline == "sequential" and [l.name for l in ra.layers] == [l.name for l in rb.layers]
+    for la, lb in zip(ra.layers, rb.layers):
+        assert la.output_error_after == lb.output_error_after and la.tokens == lb.tokens == 576
+    ids = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_padding_is_excluded_in_sequential_too(tok):
+    a, b = tiny_llama(), tiny_llama()
+    pb = padded_batches(tok)
+    ra = quantize_model(a, QuantConfig(format="mxint3", rank=4), calibration=pb, progress=False)
+    rb = quantize_model(b, QuantConfig(format="mxint3", rank=4, pipeline="sequential"), calibration=pb, progress=False)
+    n = int(pb[0]["attention_mask"].sum())
+    assert all(l.tokens == n for l in ra.layers + rb.layers)
+    assert [l.output_error_after for l in ra.layers] == [l.output_error_after for l in rb.layers]
+
+
+def test_quantized_propagation_calibrates_on_quantized_inputs(batches):
+    """Block 1's statistics are those of the inputs the quantized block 0 produces (checked by hand)."""
+    cfg = QuantConfig(format="mxint3", method="qera-exact", rank=4, pipeline="sequential", propagate="quantized")
+    model = tiny_llama()
+    report = quantize_model(model, cfg, calibration=batches, report_output_error=True, progress=False)
+    ids = torch.cat([b["input_ids"] for b in batches])
+    ref = tiny_llama()
+    with torch.no_grad():  # hidden state after the (already quantized) block 0 of `model`, by hand
+        h = model.model.embed_tokens(ids)
+        pos = torch.arange(ids.shape[1])[None]
+        pe = model.model.rotary_emb(h, pos)
+        h = model.model.layers[0](h, position_embeddings=pe, position_ids=pos)
+        x = model.model.layers[1].input_layernorm(h).reshape(-1, 64).double()
+    R = x.T @ x / x.shape[0]
+    W = ref.model.layers[1].self_attn.q_proj.weight
+    q = model.model.layers[1].self_attn.q_proj
+    got = next(l for l in report.layers if l.name == "model.layers.1.self_attn.q_proj")
+    want = layer_output_error(W, q.dequantized_weight(torch.float32), q.A.float(), q.B.float(), R)
+    assert got.output_error_after == pytest.approx(want, rel=1e-4)
+    fp = quantize_model(tiny_llama(), QuantConfig(format="mxint3", method="qera-exact", rank=4, pipeline="sequential"),
+                        calibration=batches, report_output_error=True, progress=False)
+    fp1 = next(l for l in fp.layers if l.name == "model.layers.1.self_attn.q_proj")
+    assert fp1.output_error_after != pytest.approx(got.output_error_after, rel=1e-3)
+
+
+def save_source(path, layers=4, dtype=torch.bfloat16, shard="60KB"):
+    m = tiny_llama(layers=layers).to(dtype)
+    m.save_pretrained(path, max_shard_size=shard)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_streamed_from_shards_equals_in_memory(tmp_path, batches):
+    """A model in bf16 safetensors shards, quantized block by block from disk, gives the same files."""
+    from transformers import AutoModelForCausalLM
+
+    src = save_source(tmp_path / "src")
+    assert (src / "model.safetensors.index.json").is_file()
+    cfg = QuantConfig(format="int4:group=32", method="qera-exact", rank=4, pipeline="sequential")
+    seen = []
+    from qera import streaming
+
+    orig = streaming.StreamingPlacer.onload
+
+    def onload(self, index, block, prefix):  # at most one block is ever materialized
+        orig(self, index, block, prefix)
+        blocks = block_list
+        live = [i for i, b in enumerate(blocks) if any(p.device.type != "meta" for p in b.parameters())]
+        seen.append(live)
+
+    from qera.streaming import load_model_lazy
+
+    lazy, _, _ = load_model_lazy(src)
+    block_list = lazy.model.layers
+    assert all(p.device.type == "meta" for p in lazy.model.layers.parameters())
+    streaming.StreamingPlacer.onload = onload
+    try:
+        import qera.streaming as st
+
+        real = st.load_model_lazy
+        st.load_model_lazy = lambda p: (lazy, *real(p)[1:])
+        rep = quantize_and_save(src, cfg, tmp_path / "stream", calibration=batches, progress=False)
+    finally:
+        streaming.StreamingPlacer.onload = orig
+        st.load_model_lazy = real
+    assert seen == [[0], [1], [2], [3]]
+    assert rep.pipeline == "sequential" and len(rep.layers) == 28
+    mem = AutoModelForCausalLM.from_pretrained(src)
+    r2 = quantize_model(mem, QuantConfig(format="int4:group=32", method="qera-exact", rank=4), calibration=batches,
+                        progress=False)
+    save_quantized(mem, byte_tokenizer(), tmp_path / "mem", report=r2)
+    a, b = load_file(str(tmp_path / "stream" / "model.safetensors")), load_file(str(tmp_path / "mem" / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    back, _ = load_quantized(tmp_path / "stream")
+    assert back.model.norm.weight.dtype == torch.bfloat16  # stored dtypes come back
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, mem(ids).logits)
+
+
+KILL = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from qera import checkpoint as ck
+    where, at = sys.argv[1], int(sys.argv[2])
+    if where == "between":
+        orig = ck.CheckpointWriter.add_block
+        def add_block(self, i, *a, **k):
+            if i == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return orig(self, i, *a, **k)
+        ck.CheckpointWriter.add_block = add_block
+    else:
+        orig = ck._save_safetensors
+        def save(tensors, path):
+            if path.name == f"block-{{at:05d}}.safetensors":
+                from safetensors.torch import save_file
+                save_file(dict(tensors), str(path.with_name("." + path.name + ".tmp")))
+                os.kill(os.getpid(), signal.SIGKILL)
+            return orig(tensors, path)
+        ck._save_safetensors = save
+    from qera.cli import main
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+@pytest.mark.parametrize("where,at", [("between", 2), ("mid-write", 1)])
+def test_killed_run_resumes_bit_for_bit(tmp_path, where, at):
+    src = save_source(tmp_path / "src")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    args = ["quantize", str(src), "--format", "mxint3", "--method", "qera-exact", "--rank", "4", "--pipeline",
+            "sequential", "--propagate", "quantized", "--calib-text", str(text), "--calib-samples", "6",
+            "--calib-seq-len", "32", "--calib-batch-size", "2", "--no-progress"]
+    script = tmp_path / "kill.py"
+    script.write_text(KILL.format(tests=str(HERE)))
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+    proc = subprocess.run([sys.executable, str(script), where, str(at), *args, "--out", str(tmp_path / "q")], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (tmp_path / "q").exists()
+    state = json.loads((tmp_path / ".q.partial" / "state.json").read_text())
+    assert sorted(state["blocks"], key=int) == [str(i) for i in range(at)]
+    from qera.cli import main
+
+    assert main([*args, "--out", str(tmp_path / "q")]) == 2  # refuses to clobber the partial run silently
+    assert main([*args, "--out", str(tmp_path / "q"), "--resume"]) == 0
+    assert main([*args, "--out", str(tmp_path / "ref")]) == 0
+    assert not (tmp_path / ".q.partial").exists()
+    a, b = (tmp_path / "q" / "model.safetensors").read_bytes(), (tmp_path / "ref" / "model.safetensors").read_bytes()
+    assert a == b
+    assert (tmp_path / "q" / "qera_config.json").read_text() == (tmp_path / "ref" / "qera_config.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_resume_refuses_another_configuration(tmp_path, batches):
+    src = save_source(tmp_path / "src", layers=2)
+    cfg = QuantConfig(format="mxint3", method="qera-exact", rank=4, pipeline="sequential")
+    from qera import checkpoint as ck
+
+    orig = ck.CheckpointWriter.add_block
+
+    def boom(self, i, *a, **k):
+        if i == 1:
+            raise KeyboardInterrupt
+        return orig(self, i, *a, **k)
+
+    ck.CheckpointWriter.add_block = boom
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            quantize_and_save(src, cfg, tmp_path / "q", calibration=batches, progress=False)
+    finally:
+        ck.CheckpointWriter.add_block = orig
+    other = QuantConfig(format="mxint4", method="qera-exact", rank=4, pipeline="sequential")
+    with pytest.raises(QeraError, match="another model, configuration"):
+        quantize_and_save(src, other, tmp_path / "q", calibration=batches, resume=True, progress=False)
+    quantize_and_save(src, cfg, tmp_path / "q", calibration=batches, resume=True, progress=False)
+    assert read_qera_config(tmp_path / "q")["quant_config"]["format"] == "mxint3"
+
+
+def test_auto_chooses_sequential_over_budget_and_offloads_activations(tmp_path, batches, caplog):
+    a, b = tiny_llama(), tiny_llama()
+    ra = quantize_model(a, QuantConfig(format="mxint3", rank=4), calibration=batches, progress=False)
+    with caplog.at_level("WARNING"):
+        rb = quantize_model(b, QuantConfig(format="mxint3", rank=4, pipeline="auto"), calibration=batches,
+                            progress=False, max_memory=1000, offload_dir=tmp_path / "off")
+    assert rb.pipeline == "sequential" and "over the memory budget" in caplog.text
+    assert any("kept on disk" in n for n in rb.notes)
+    assert list((tmp_path / "off").iterdir()) == []  # the cached activations are removed
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+    rc = quantize_model(tiny_llama(), QuantConfig(format="mxint3", rank=4, pipeline="auto"), calibration=batches,
+                        progress=False, max_memory="1GiB")
+    assert rc.pipeline == "oneshot"
+
+
+@pytest.mark.parametrize("pipeline", ["oneshot", "sequential"])
+def test_failed_run_leaves_the_model_unquantized(batches, pipeline):
+    """Block 0 is replaced before block 1 fails: every replaced layer is put back."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(QeraError, match=r"layer model\.layers\.1\.mlp\.(up|down)_proj"):
+        quantize_model(model, QuantConfig(format="mxint3", method="zeroquant-v2", rank=4, pipeline=pipeline),
+                       calibration=batches, progress=False)
+    assert not any(isinstance(m, QERALinear) for m in model.modules())
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(before[n], p) or (torch.isnan(before[n]).any() and torch.equal(before[n].isnan(), p.isnan()))
+               for n, p in after.items())
