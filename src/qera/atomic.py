@@ -199,7 +199,10 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     """Yield an empty temporary directory; on success it replaces/creates ``path`` atomically."""
     path = refuse_existing(path, overwrite)
     cleanup_stale(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_name(path), dir=path.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_name(path), dir=path.parent))
+    except OSError as exc:
+        raise QeraError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -215,7 +218,10 @@ def write_file(path: str | os.PathLike, write: Callable[[Path], Any], overwrite:
         raise QeraError(f"output {path} already exists; pass overwrite=True (--overwrite) to replace it")
     check_parent(path)
     cleanup_stale(path)
-    fd, name = tempfile.mkstemp(prefix=_temp_name(path), dir=path.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=_temp_name(path), dir=path.parent)
+    except OSError as exc:
+        raise QeraError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp = Path(name)
     try:

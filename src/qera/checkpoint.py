@@ -248,6 +248,60 @@ def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _read_st_header(path: Path) -> tuple[int, dict]:
+    """``(data start, header)`` of a safetensors file."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+def merge_safetensors(parts: list[Path], out: Path, chunk: int = 64 * 2**20) -> None:
+    """Concatenate safetensors files into one, copying raw bytes in chunks (memory: one chunk).
+
+    Tensors are laid out in name order; the header is padded with spaces to a multiple of 8.
+    """
+    entries = []
+    for p in parts:
+        start, header = _read_st_header(p)
+        for name, info in header.items():
+            if name != "__metadata__":
+                entries.append((name, p, start, info))
+    entries.sort(key=lambda e: e[0])
+    if len({e[0] for e in entries}) != len(entries):
+        raise QeraError("two parts of the checkpoint hold a tensor of the same name")
+    table: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, _, _, info in entries:
+        size = info["data_offsets"][1] - info["data_offsets"][0]
+        table[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(table, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "wb") as w:
+        w.write(len(head).to_bytes(8, "little"))
+        w.write(head)
+        handles: dict[Path, Any] = {}
+        try:
+            for name, p, start, info in entries:
+                f = handles.get(p) or handles.setdefault(p, open(p, "rb"))
+                b, e = info["data_offsets"]
+                f.seek(start + b)
+                left = e - b
+                while left:
+                    buf = f.read(min(chunk, left))
+                    if not buf:
+                        raise QeraError(f"{p} ended early while merging the checkpoint")
+                    w.write(buf)
+                    left -= len(buf)
+        finally:
+            for f in handles.values():
+                f.close()
+        w.flush()
+        os.fsync(w.fileno())
+    os.replace(tmp, out)
+
+
 def fingerprint_of(*parts: Any) -> str:
     """A short stable hash of JSON-able parts and tensors (what identifies a resumable run)."""
     h = hashlib.sha256()
@@ -279,8 +333,11 @@ class CheckpointWriter:
         self.work = self.path.parent / f".{self.path.name}.partial"
         cleanup_stale(self.path)
         existed = self.work.exists()
-        self.work.mkdir(exist_ok=True)
-        self._lock = open(self.work / "lock", "a")
+        try:
+            self.work.mkdir(exist_ok=True)
+            self._lock = open(self.work / "lock", "a")
+        except OSError as exc:
+            raise QeraError(f"cannot write beside {self.path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -372,7 +429,8 @@ class CheckpointWriter:
     # -- the end --------------------------------------------------------------------------------
     def finalize(self, rest: Mapping[str, torch.Tensor], *, tied: Mapping[str, str] | None = None,
                  quant_config=None, quality: Mapping[str, Any] | None = None, hf_config=None,
-                 generation_config=None, tokenizer=None, unfused: Iterable[str] = ()) -> Path:
+                 generation_config=None, tokenizer=None, unfused: Iterable[str] = (),
+                 buffer_dtypes: Mapping[str, str] | None = None) -> Path:
         """Write the tensors outside the blocks and the JSON files, then publish the checkpoint."""
         rest_name = "rest.safetensors"
         _save_safetensors(rest, self.work / rest_name)
@@ -387,27 +445,19 @@ class CheckpointWriter:
             "quant_config": quant_config.to_dict() if quant_config is not None else None,
             "layers": layers, "tied": dict(tied or {}), "bits": bits_summary(layers),
             "unfused_experts": sorted(unfused),
+            "buffer_dtypes": dict(sorted((buffer_dtypes or {}).items())),
         }
         if quality:
             meta["quality"] = dict(quality)
         with atomic_directory(self.path, self.overwrite) as tmp:
             if total <= self.max_shard_bytes or len(parts) == 1:
-                from safetensors.torch import load_file
-
-                merged: dict[str, torch.Tensor] = {}
-                for p in parts:
-                    merged.update(load_file(str(p)))
-                _save_safetensors(merged, tmp / WEIGHTS)
-                del merged
+                merge_safetensors(parts, tmp / WEIGHTS)
             else:
                 weight_map: dict[str, str] = {}
                 n = len(parts)
-                from safetensors import safe_open
-
                 for k, p in enumerate(parts, start=1):
                     name = f"model-{k:05d}-of-{n:05d}.safetensors"
-                    with safe_open(str(p), framework="pt") as f:
-                        weight_map.update({key: name for key in f.keys()})
+                    weight_map.update({key: name for key in _read_st_header(p)[1] if key != "__metadata__"})
                     os.replace(p, tmp / name)
                 (tmp / WEIGHTS_INDEX).write_text(json.dumps(
                     {"metadata": {"total_size": total, "qera_version": __version__}, "weight_map": weight_map}, indent=1))
@@ -468,6 +518,17 @@ def rest_tensors(model: nn.Module, skip_prefix: str | None, source=None) -> tupl
     return tensors, aliases
 
 
+def buffer_dtypes(model: nn.Module) -> dict[str, str]:
+    """dtypes of the floating non-persistent buffers (rotary tables ...), which are rebuilt, not saved."""
+    out = {}
+    for mod_name, mod in model.named_modules():
+        for b in getattr(mod, "_non_persistent_buffers_set", ()):
+            t = mod._buffers.get(b)
+            if t is not None and t.is_floating_point():
+                out[f"{mod_name}.{b}" if mod_name else b] = _dtype_name(t.dtype)
+    return out
+
+
 def save_quantized(model: nn.Module, tokenizer, path: str | os.PathLike, overwrite: bool = False, report=None,
                    config=None, max_shard_bytes: int = DEFAULT_MAX_SHARD) -> Path:
     """Write a quantized model (and tokenizer, if given) to ``path`` atomically; returns the path.
@@ -497,7 +558,7 @@ def save_quantized(model: nn.Module, tokenizer, path: str | os.PathLike, overwri
         return writer.finalize(
             rest, tied=tied, quant_config=config, quality=report.quality() if report is not None else None,
             hf_config=getattr(model, "config", None), generation_config=getattr(model, "generation_config", None),
-            tokenizer=tokenizer, unfused=unfused_names(model),
+            tokenizer=tokenizer, unfused=unfused_names(model), buffer_dtypes=buffer_dtypes(model),
         )
     except BaseException:
         writer.close(success=False)
@@ -637,6 +698,16 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device | None = 
             _assign(model, alias, stored_objs[src])
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
+    for name, dt in (meta.get("buffer_dtypes") or {}).items():  # e.g. rotary tables of a model cast to bf16
+        owner, _, attr = name.rpartition(".")
+        try:
+            mod = model.get_submodule(owner) if owner else model
+        except AttributeError:
+            continue
+        buf = mod._buffers.get(attr)
+        want = getattr(torch, str(dt), None)
+        if buf is not None and isinstance(want, torch.dtype) and buf.dtype != want:
+            mod._buffers[attr] = buf.to(want)
     left = [k for k, t in model.state_dict(keep_vars=True).items() if t.device.type == "meta"]
     if left:
         raise QeraError(f"{path}: {len(left)} tensor(s) of the model were not in the checkpoint, e.g. {left[:3]}")

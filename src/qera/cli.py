@@ -552,6 +552,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # registry lookups and config validation
         print(f"qera {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the environment said no: disk full, permissions, a file that vanished
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"qera {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"qera {args.command}: interrupted", file=sys.stderr)
         return 130

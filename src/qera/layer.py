@@ -18,7 +18,6 @@ from .config import QuantConfig
 from .errors import QeraError, where
 from .formats import QuantizedWeight, parse_format
 from .methods import Reconstruction, get_method
-from .metrics import weight_error
 from .report import LayerReport
 from .statistics import ActivationStats, provided
 from .targets import linear_shape, linear_weight
@@ -40,25 +39,52 @@ class LayerResult:
     report: LayerReport
 
 
-def output_errors(
-    D: torch.Tensor, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor
-) -> tuple[float, float]:
-    """``(trace(D R Dᵀ), trace(E R Eᵀ))`` with ``E = D - B A``, from one ``D R`` product.
+def _report_dtype(out_f: int, in_f: int) -> torch.dtype:
+    return torch.float64 if out_f * in_f * in_f <= FLOAT64_REPORT_FLOPS else torch.float32
 
-    ``E R = D R - B (A R)`` costs only thin products beyond ``D R``. Small layers are computed in
-    float64; large ones in float32 products with float64 sums (relative error ~1e-6).
+
+ROW_CHUNK = 1024  # rows of D per step of the report (keeps its temporaries to a few chunks)
+
+
+def output_errors(
+    D: torch.Tensor, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor, rows: int = ROW_CHUNK
+) -> tuple[float, float]:
+    """``(trace(D R Dᵀ), trace(E R Eᵀ))`` with ``E = D - B A``, one ``D R`` product, row chunk by row chunk.
+
+    ``E R = D R - B (A R)`` costs only thin products beyond ``D R``. Computed in ``R``'s dtype
+    (float64 for small layers, float32 products with float64 sums for large ones: relative
+    error ~1e-6).
     """
-    out_f, in_f = D.shape
-    dtype = torch.float64 if out_f * in_f * in_f <= FLOAT64_REPORT_FLOPS else torch.float32
-    Dc, Rc = D.to(dtype), R.to(device=D.device, dtype=dtype)
-    DR = Dc @ Rc
-    before = float((DR * Dc).sum(dtype=torch.float64))
-    if A.numel() == 0:
-        return before, before
+    dtype = R.dtype
+    has_lr = A.numel() > 0
     Ac, Bc = A.to(D.device, dtype), B.to(D.device, dtype)
-    E = Dc - Bc @ Ac
-    ER = DR - Bc @ (Ac @ Rc)
-    return before, float((ER * E).sum(dtype=torch.float64))
+    AR = Ac @ R if has_lr else None
+    before = after = 0.0
+    for r in range(0, D.shape[0], rows):
+        Dc = D[r:r + rows].to(dtype)
+        DR = Dc @ R
+        before += float((DR * Dc).sum(dtype=torch.float64))
+        if has_lr:
+            Bc_r = Bc[r:r + rows]
+            DR.sub_(Bc_r @ AR)
+            Dc = Dc - Bc_r @ Ac
+            after += float((DR * Dc).sum(dtype=torch.float64))
+    return before, (after if has_lr else before)
+
+
+def weight_errors(D0: torch.Tensor, D: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                  dtype: torch.dtype, rows: int = ROW_CHUNK) -> tuple[float, float]:
+    """``(‖D0‖², ‖D − B A‖²)`` in ``dtype`` with float64 sums; ``D0 = W − W̃₀``, ``D = W − W̃``."""
+    before = after = 0.0
+    Ac, Bc = A.to(D.device, dtype), B.to(D.device, dtype)
+    for r in range(0, D.shape[0], rows):
+        e0 = D0[r:r + rows].to(dtype)
+        before += float((e0 * e0).sum(dtype=torch.float64))
+        e = D[r:r + rows].to(dtype)
+        if A.numel():
+            e = e - Bc[r:r + rows] @ Ac
+        after += float((e * e).sum(dtype=torch.float64))
+    return before, after
 
 
 class LayerQuantizer:
@@ -125,23 +151,26 @@ class LayerQuantizer:
 
     def _report(self, name, W, q0, rec: Reconstruction, stats, output_error: bool, seconds: float) -> LayerReport:
         out_f, in_f = W.shape
-        w_q0 = rec.w_q if rec.qweight is q0 else q0.dequantize(torch.float32)  # LoftQ replaces W̃
-        W32 = W.to(torch.float32)
+        dtype = _report_dtype(out_f, in_f)
+        D = W.to(torch.float32) - rec.w_q.to(W.device)
+        # LoftQ replaces W̃: "before" is measured against the first W̃
+        D0 = D if rec.qweight is q0 else W.to(torch.float32) - q0.dequantize(torch.float32).to(W.device)
+        we_before, we_after = weight_errors(D0, D, rec.A, rec.B, dtype)
         oe_before = oe_after = None
         if output_error and stats is not None and "xtx" in stats.kinds and stats.count > 0:
-            R = stats.autocorrelation()
-            if rec.qweight is q0:
-                oe_before, oe_after = output_errors(W32 - rec.w_q, rec.A, rec.B, R)
-            else:  # LoftQ: "before" is the first W̃, "after" the last W̃ + BA
-                oe_before, _ = output_errors(W32 - w_q0, rec.A[:0], rec.B[:, :0], R)
-                _, oe_after = output_errors(W32 - rec.w_q, rec.A, rec.B, R)
+            R = stats.autocorrelation(dtype).to(W.device)
+            if D0 is D:
+                oe_before, oe_after = output_errors(D, rec.A, rec.B, R)
+            else:
+                oe_before, _ = output_errors(D0, rec.A[:0], rec.B[:, :0], R)
+                _, oe_after = output_errors(D, rec.A, rec.B, R)
+            del R
         r = rec.rank
         return LayerReport(
             name=name, shape=(out_f, in_f), format=str(self.fmt), rank=r,
             bits_weight=self.fmt.bits_per_weight,
             bits_total=self.fmt.bits_per_weight + self.lowrank_bits * r * (in_f + out_f) / (in_f * out_f),
-            weight_error_before=weight_error(W, w_q0),
-            weight_error_after=weight_error(W, rec.w_q, rec.A, rec.B),
+            weight_error_before=we_before, weight_error_after=we_after,
             output_error_before=oe_before, output_error_after=oe_after, seconds=seconds,
             tokens=stats.count if stats is not None else None,
         )

@@ -132,7 +132,8 @@ def weighted_lowrank(
     """
     m, n = D.shape
     k = rank
-    if opts.use_exact(k, m, n):
+    exact = opts.use_exact(k, m, n)
+    if exact:
         if m > n:
             # Tall D = Q T (thin QR): G = Q (T R Tᵀ) Qᵀ, so eigenvectors come from an n × n problem.
             Q, T = torch.linalg.qr(D.to(torch.float64))
@@ -142,7 +143,8 @@ def weighted_lowrank(
     else:
         apply_G = _metric_operator(D, scale, autocorr, opts.compute_dtype)
         U = top_eigvecs_randomized(apply_G, m, k, opts, D.device)
-    A = U.T @ D.to(torch.float64)  # (k, n)
+    # (k, n); the randomized path multiplies in compute_dtype (no float64 copy of a large D)
+    A = U.T @ D.to(torch.float64) if exact else (U.T.to(opts.compute_dtype) @ D.to(opts.compute_dtype)).double()
     norms = A.norm(dim=1).sqrt()
     norms = torch.where(norms > 0, norms, torch.ones_like(norms))
     return (A / norms[:, None]).to(torch.float32), (U * norms[None, :]).to(torch.float32)

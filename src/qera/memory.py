@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 from typing import Iterable
@@ -68,3 +69,15 @@ def stats_bytes(widths: Iterable[int], kinds: Iterable[str]) -> int:
             total += 8 * d * d
         total += 8 * d * len(kinds & {"abs", "sq"})
     return total
+
+
+def trim_heap() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``); a no-op elsewhere.
+
+    Per-block temporaries of tens of MB fall under glibc's dynamic mmap threshold and come from
+    the heap, which otherwise keeps growing across blocks (measured: +100 MiB per block).
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

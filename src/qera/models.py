@@ -99,6 +99,29 @@ def convert_gguf(gguf: Path, cache: str | os.PathLike | None = None) -> Path:
     return target
 
 
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "model.pt", "model.pth")
+
+
+def check_local_model(where: Path, source: str) -> None:
+    """A clear error unless a local directory looks like a Hugging Face model with safetensors weights."""
+    from .checkpoint import QERA_CONFIG
+
+    if not where.is_dir() or (where / QERA_CONFIG).is_file():
+        return
+    if not (where / "config.json").is_file():
+        pickles = [n for n in PICKLE_WEIGHTS if (where / n).exists()]
+        hint = f"; it holds {pickles[0]}, a pickle file, which qera never loads" if pickles else ""
+        raise QeraError(f"{source} is neither a model directory (no config.json) nor a qera checkpoint{hint}")
+    if not any(where.glob("*.safetensors")) and not (where / "model.safetensors.index.json").is_file():
+        pickles = [n for n in PICKLE_WEIGHTS if (where / n).exists()]
+        if pickles:
+            raise QeraError(
+                f"{source} has only pickle weights ({pickles[0]}); qera never loads pickle files (they can run "
+                "code): convert the model to safetensors first"
+            )
+        raise QeraError(f"{source} has a config.json but no safetensors weights")
+
+
 def load_encoder(source: str, num_labels: int | None = None, dtype: torch.dtype = torch.float32, seed: int = 0):
     """``(model, tokenizer)`` of an encoder: with ``num_labels`` a sequence classifier, else the bare encoder.
 
@@ -108,6 +131,8 @@ def load_encoder(source: str, num_labels: int | None = None, dtype: torch.dtype 
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     where = resolve_source(source)
+    if isinstance(where, Path):
+        check_local_model(where, source)
     try:
         tok = AutoTokenizer.from_pretrained(str(where))
         if num_labels is None:
@@ -144,11 +169,19 @@ def load_model(
         where = convert_gguf(where, cache)
     if isinstance(where, Path) and (where / QERA_CONFIG).is_file():
         return load_quantized(where, device=device)
+    if isinstance(where, Path):
+        check_local_model(where, source)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     try:
         tok = AutoTokenizer.from_pretrained(str(where))
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype, use_safetensors=True,
+                                                           output_loading_info=True)
     except OSError as exc:
         raise QeraError(f"cannot load model {source!r}: {str(exc).splitlines()[0]}") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        hint = (" (its tensors look like a qera checkpoint whose qera_config.json is missing)"
+                if any(".qweight_" in k for k in info.get("unexpected_keys") or []) else "")
+        raise QeraError(f"{source}: the weights lack {len(missing)} tensor(s) of the model, e.g. {missing[:3]}{hint}")
     return model.to(device).eval(), tok

@@ -194,7 +194,7 @@ def quantize_and_save(
     at once; ``resume=True`` continues an interrupted run with the same model, configuration and
     calibration after its last finished block (the result is bit-identical to an uninterrupted run).
     """
-    from .checkpoint import CheckpointWriter, rest_tensors, save_quantized
+    from .checkpoint import CheckpointWriter, buffer_dtypes, rest_tensors, save_quantized
     from .streaming import StreamingPlacer, load_model_lazy
 
     out = Path(out)
@@ -243,7 +243,7 @@ def quantize_and_save(
             writer.finalize(
                 rest, tied=tied, quant_config=ctx.report.config, quality=ctx.report.quality(),
                 hf_config=getattr(model, "config", None), generation_config=getattr(model, "generation_config", None),
-                tokenizer=tokenizer, unfused=unfused_names(model),
+                tokenizer=tokenizer, unfused=unfused_names(model), buffer_dtypes=buffer_dtypes(model),
             )
     except BaseException:
         if writer is not None:

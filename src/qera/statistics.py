@@ -48,6 +48,18 @@ def _check_kinds(kinds: Iterable[str]) -> frozenset[str]:
     return kinds
 
 
+def symmetrize_(M: torch.Tensor, block: int = 2048) -> torch.Tensor:
+    """``M ← (M + Mᵀ) / 2`` in place, one ``block × block`` tile at a time (cache-friendly, little memory)."""
+    n = M.shape[0]
+    for i in range(0, n, block):
+        for j in range(i, n, block):
+            upper, lower = M[i:i + block, j:j + block], M[j:j + block, i:i + block]
+            avg = (upper + lower.T).mul_(0.5)
+            upper.copy_(avg)
+            lower.copy_(avg.T)
+    return M
+
+
 @dataclass
 class ActivationStats:
     """Statistics of one layer input of width ``dim``; only ``kinds`` are accumulated."""
@@ -57,7 +69,6 @@ class ActivationStats:
     name: str | None = None
     count: int = 0
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    _R: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.kinds = _check_kinds(self.kinds)
@@ -95,7 +106,6 @@ class ActivationStats:
                 f"activation magnitude {peak:.3g} exceeds {MAX_ABS:.3g}, where float32 chunk sums of x² "
                 f"overflow{where(self.name)}"
             )
-        self._R = None
         for kind in self.kinds:
             if kind not in self.sums:
                 self.sums[kind] = self._zeros(kind, rows.device)
@@ -146,7 +156,6 @@ class ActivationStats:
             else:
                 self.sums[kind] = value.clone()
         self.count += other.count
-        self._R = None
         return self
 
     # -- accessors ------------------------------------------------------------------------------
@@ -169,12 +178,15 @@ class ActivationStats:
             return torch.diagonal(self._sum("xtx")).clone() / self.count
         return self._sum("sq") / self.count
 
-    def autocorrelation(self) -> torch.Tensor:
-        """R = E[xᵀx], float64, symmetric, shape (dim, dim) (cached until the next update)."""
-        if self._R is None:
-            r = self._sum("xtx") / self.count
-            self._R = (r + r.T) / 2
-        return self._R
+    def autocorrelation(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """R = E[xᵀx], symmetric, shape (dim, dim), as a new tensor of ``dtype``.
+
+        Formed with one allocation (copy, scale, blocked in-place symmetrization), so a 13824²
+        statistic costs one more matrix, not three. Not cached: callers hold it as long as needed.
+        """
+        R = self._sum("xtx").to(dtype=dtype, copy=True)
+        R.div_(self.count)
+        return symmetrize_(R)
 
     def to(self, device: torch.device | str) -> "ActivationStats":
         return ActivationStats(self.dim, self.kinds, self.name, self.count, {k: v.to(device) for k, v in self.sums.items()})

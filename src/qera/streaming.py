@@ -267,7 +267,13 @@ def load_model_lazy(path: str | os.PathLike, blocks_name: str | None = None, dty
 
 
 class Placer:
-    """Where a block lives while it is processed (``onload``) and after (``offload``)."""
+    """Where a block lives while it is processed (``onload``) and after (``offload``).
+
+    ``drops`` is True when offloading frees the block's weights (streaming): then the layers a
+    block replaced are dropped too.
+    """
+
+    drops = False
 
     def __init__(self, device: torch.device, home: torch.device | None = None) -> None:
         self.device, self.home = torch.device(device), home
@@ -294,10 +300,12 @@ class StreamingPlacer(Placer):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__(device)
         self.source, self.keep, self.dtype = source, keep, dtype
+        self.drops = not keep
         self.bytes_read = 0
 
     def onload(self, index: int, block: nn.Module, prefix: str) -> None:
         self.bytes_read += materialize(block, prefix, self.source, self.device, self.dtype)
+        self.source.close()  # unmap the shards: pages read for this block leave this process's RSS
 
     def offload(self, index: int, block: nn.Module, prefix: str) -> None:
         if self.keep:

@@ -22,7 +22,8 @@ from ..calibration import model_device, runner_for
 from ..capture import capture_block_inputs, block_output_is_tuple
 from ..errors import QeraError
 from ..recording import probe_shared_inputs, record_statistics
-from ..streaming import Placer
+from ..memory import trim_heap
+from ..streaming import Placer, release
 from ..targets import block_index, find_blocks
 from . import DRIVERS
 from .base import DriverContext
@@ -131,6 +132,8 @@ def run_sequential(ctx: DriverContext) -> None:
                     reports.append(result.report)
                     finished.add(name)
                     stats.release(name, finished)
+                    del result
+                    trim_heap()
                 del stats
                 ctx.report.layers.extend(reports)
                 solve_s += time.perf_counter() - t1
@@ -145,6 +148,10 @@ def run_sequential(ctx: DriverContext) -> None:
             if writer is not None and not names:
                 writer.add_block(i, prefix, block, [])
             placer.offload(i, block, prefix)
+            if getattr(placer, "drops", False):  # the replaced fp layers of a streamed block go too
+                for name in names:
+                    release(ctx.replaced[name])
+            trim_heap()
             bar.set_postfix(layers=len(ctx.report.layers))
     finally:
         cache.close()

@@ -32,6 +32,17 @@ def as_rows(w: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
     return x.view(x.shape[0], -1, block), cols
 
 
+CHUNK_ELEMS = 1 << 22  # weights encoded/decoded at a time (4M: 16 MB of float32 per temporary)
+
+
+def _row_chunks(shape: tuple[int, ...], chunk_elems: int) -> tuple[int, int, int]:
+    """``(rows, cols, rows per chunk)``; chunks hold a multiple of 8 rows so packed codes concatenate."""
+    cols = shape[-1] if len(shape) else 1
+    rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    step = max(8, (chunk_elems // max(cols, 1)) // 8 * 8)
+    return rows, cols, step
+
+
 def block_grid(shape: tuple[int, ...], block: int) -> tuple[int, int]:
     """``(rows, blocks per row)`` of :func:`as_rows` for a weight of ``shape``."""
     cols = shape[-1] if len(shape) else 1
@@ -107,13 +118,40 @@ class WeightFormat(ABC):
     def stored_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each stored tensor for a weight of ``shape`` (no data touched)."""
 
-    def quantize(self, w: torch.Tensor, name: str | None = None) -> "QuantizedWeight":
+    def quantize(self, w: torch.Tensor, name: str | None = None, chunk_elems: int = CHUNK_ELEMS) -> "QuantizedWeight":
+        """Quantize ``w``; large weights are encoded ``chunk_elems`` at a time (rows are independent,
+        so the stored tensors are bit-identical to one-shot encoding, with far smaller temporaries)."""
         check_weight(w, name)
         try:
-            tensors = self.encode(w)
+            rows, cols, step = _row_chunks(w.shape, chunk_elems)
+            if rows <= step:
+                tensors = self.encode(w)
+            else:
+                w2 = w.reshape(rows, cols)
+                parts = [self.encode(w2[r:r + step]) for r in range(0, rows, step)]
+                tensors = {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
         except QeraError as exc:
             raise QeraError(f"{exc}{f' (layer {name})' if name else ''}") from None
         return QuantizedWeight(fmt=self, shape=tuple(w.shape), dtype=w.dtype, tensors=tensors)
+
+    def decode_chunked(self, tensors: dict[str, torch.Tensor], shape: torch.Size,
+                       chunk_elems: int = CHUNK_ELEMS) -> torch.Tensor:
+        """:meth:`decode` a slice of rows at a time into one float32 output (same values)."""
+        rows, cols, step = _row_chunks(tuple(shape), chunk_elems)
+        if rows <= step:
+            return self.decode(tensors, shape)
+        out = torch.empty(rows, cols, dtype=torch.float32, device=next(iter(tensors.values())).device)
+        offsets = {k: 0 for k in tensors}
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            want = self.stored_shapes((n, cols))
+            part = {}
+            for k, t in tensors.items():
+                size = want[k][0][0]
+                part[k] = t[offsets[k]:offsets[k] + size]
+                offsets[k] += size
+            out[r:r + n] = self.decode(part, torch.Size((n, cols)))
+        return out.reshape(shape)
 
     def check_stored(self, tensors: dict[str, torch.Tensor], shape: tuple[int, ...], what: str = "") -> None:
         """Raise a clear error unless ``tensors`` are exactly what :meth:`encode` stores for ``shape``."""
@@ -147,7 +185,7 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Return ``W̃`` with the original shape, in ``dtype`` (default: the original dtype)."""
-        out = self.fmt.decode(self.tensors, torch.Size(self.shape))
+        out = self.fmt.decode_chunked(self.tensors, torch.Size(self.shape))
         return out.to(dtype or self.dtype)
 
     @property

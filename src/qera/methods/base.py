@@ -100,21 +100,21 @@ class Method(ABC):
         name: str | None = None,
     ) -> Reconstruction:
         """Reconstruct ``W`` from its quantized form; see :func:`qera.methods.reconstruct`."""
-        W32 = W.detach().to(torch.float32)
+        W = W.detach()
         if isinstance(qweight, QuantizedWeight):
             w_q = qweight.dequantize(torch.float32).to(W.device)
             qw: QuantizedWeight | None = qweight
         else:
             w_q, qw = qweight.detach().to(device=W.device, dtype=torch.float32), None
-        if w_q.shape != W32.shape:
-            raise QeraError(f"W has shape {tuple(W32.shape)} but W_q has shape {tuple(w_q.shape)}{where(name)}")
-        if not torch.isfinite(W32).all():
-            bad = int((~torch.isfinite(W32)).sum())
+        if w_q.shape != W.shape:
+            raise QeraError(f"W has shape {tuple(W.shape)} but W_q has shape {tuple(w_q.shape)}{where(name)}")
+        if not torch.isfinite(W).all():
+            bad = int((~torch.isfinite(W)).sum())
             raise QeraError(f"W has {bad} NaN/Inf value(s){where(name)}")
         if not torch.isfinite(w_q).all():
             raise QeraError(f"W_q contains NaN/Inf{where(name)}")
         if not self.uses_rank:
-            z = W32.new_zeros
-            return Reconstruction(z(0, W32.shape[1]), z(W32.shape[0], 0), w_q, qw)
-        A, B = self.solve_error(W32 - w_q, rank, stats, name)
+            z = w_q.new_zeros
+            return Reconstruction(z(0, W.shape[1]), z(W.shape[0], 0), w_q, qw)
+        A, B = self.solve_error(W.to(torch.float32) - w_q, rank, stats, name)  # no float32 copy of W kept
         return Reconstruction(A.to(W.device), B.to(W.device), w_q, qw)

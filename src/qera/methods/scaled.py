@@ -69,8 +69,10 @@ class QERAExact(Method):
         self.options["damp"] = self.damp
 
     def solve_error(self, D, rank, stats, name):
-        R = stats.autocorrelation().to(D.device)
-        n = R.shape[0]
+        n = stats.dim
+        exact = self.solver.use_exact(rank, D.shape[0], D.shape[1])
+        # float64 R for the dense eigendecomposition; the Krylov path multiplies in compute_dtype anyway
+        R = stats.autocorrelation(torch.float64 if exact else self.solver.compute_dtype).to(D.device)
         diag = torch.diagonal(R)
         mean_diag = float(diag.mean())
         dead = int((diag <= 1e-12 * max(mean_diag, 1e-300)).sum())
@@ -81,5 +83,5 @@ class QERAExact(Method):
                 name or "layer", stats.count, n, dead,
             )
         if self.damp:
-            R = R + self.damp * mean_diag * torch.eye(n, dtype=R.dtype, device=R.device)
+            diag.add_(self.damp * mean_diag)  # R is our own copy
         return weighted_lowrank(D, rank, autocorr=R, opts=self.solver)
