@@ -25,6 +25,21 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {dev}"
 
 
+def peak_rss_gib() -> float:
+    """This process's peak RSS (``VmHWM``). Unlike ``ru_maxrss`` it is not inherited across exec,
+    so a benchmark child does not report its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def timed(fn: Callable[[], Any], repeat: int = 1, sync: bool = False) -> tuple[float, Any]:
     """Best wall time of ``repeat`` calls and the last result."""
     best, out = float("inf"), None

@@ -25,7 +25,11 @@ from random_model import SHAPES, write_random_llama  # noqa: E402
 from scale import BASE, run, sequential_formula  # noqa: E402
 
 QUANT = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
+def _peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
 from qera import QuantConfig, quantize_and_save
 a = json.loads(sys.argv[1])
 g = torch.Generator().manual_seed(0)
@@ -39,11 +43,15 @@ size = sum(p.stat().st_size for p in __import__("pathlib").Path(a["out"]).iterdi
 print(json.dumps({"wall_s": wall, "calibration_s": rep.calibration_seconds, "solve_s": rep.solve_seconds,
                   "layers": len(rep.layers), "bits_weight": rep.quality()["bits_weight"],
                   "bits_total": rep.quality()["bits_total"],
-                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "out_bytes": size}))
+                  "peak_rss_gib": _peak(), "out_bytes": size}))
 """
 
 LOAD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
+def _peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
 from qera import load_quantized
 t0 = time.perf_counter()
 model, _ = load_quantized(sys.argv[1], cache_weight=False)
@@ -53,7 +61,7 @@ t1 = time.perf_counter()
 with torch.no_grad():
     logits = model(ids).logits
 print(json.dumps({"load_s": t_load, "forward_s": time.perf_counter() - t1, "finite": bool(torch.isfinite(logits).all()),
-                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                  "peak_rss_gib": _peak()}))
 """
 
 
@@ -75,7 +83,7 @@ def main() -> None:
         write_random_llama(src, h, i, layers, heads, kv, vocab)
         print(json.dumps({"phase": "generate", "seconds": time.perf_counter() - t0}), flush=True)
     src_bytes = sum(p.stat().st_size for p in src.iterdir())
-    base = run(BASE)["peak_rss_gb"]
+    base = run(BASE)["peak_rss_gib"]
     q = run(QUANT, {"src": str(src), "out": str(out), "vocab": vocab, "samples": args.samples, "seq_len": args.seq_len,
                     "format": args.format, "rank": args.rank, "report": args.report})
     print(json.dumps({"phase": "quantize", **q}), flush=True)

@@ -10,7 +10,7 @@ fits peak RSS against depth for both and prints the sequential peak next to the 
 
 (base: Python + torch + transformers; trunk: embeddings and LM head; block: one block's weights;
 statistics: float64 Σxᵀx of the block's distinct inputs still alive; activations: the cached block
-inputs; solve: R in float32 and about five float32 copies of the layer being solved).
+inputs; solve: R in float32 and about seven float32 copies of the layer being solved).
 
     python bench/scale.py [--hidden 1024 --inter 2816 --heads 16 --blocks 4,8,16 --samples 8 --seq-len 512]
 """
@@ -27,7 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, machine  # noqa: E402
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
+def _peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
 from qera import QuantConfig, quantize_and_save
 a = json.loads(sys.argv[1])
 g = torch.Generator().manual_seed(0)
@@ -47,14 +51,18 @@ rep = quantize_and_save(model, cfg, a["out"], calibration=batches, overwrite=Tru
 wall = time.perf_counter() - t0
 size = sum(p.stat().st_size for p in __import__("pathlib").Path(a["out"]).iterdir())
 print(json.dumps({"wall_s": wall, "load_s": t_load, "calibration_s": rep.calibration_seconds, "solve_s": rep.solve_seconds,
-                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "out_gb": size / 1e9}))
+                  "peak_rss_gib": _peak(), "out_gb": size / 1e9}))
 """
 
 BASE = r"""
-import json, resource, torch, transformers, qera
+import json, torch, transformers, qera
+def _peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
 from transformers import LlamaConfig, LlamaForCausalLM
 LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, vocab_size=300))
-print(json.dumps({"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+print(json.dumps({"peak_rss_gib": _peak()}))
 """
 
 
@@ -70,9 +78,9 @@ def sequential_formula(h: int, i: int, vocab: int, tokens: int, base_gib: float,
                        kv_heads: int = 1) -> dict[str, float]:
     """Predicted sequential peak (GiB) and its parts for a Llama block with bf16 weights.
 
-    The per-layer step holds, beyond the statistics still alive, R in float32 and about five
-    float32 copies of the layer (W, W̃, D, and the report's chunks), plus ~0.15 GiB of fixed
-    overhead (measured, bench/README.md). The peak is the larger of: all four statistics while
+    The per-layer step holds, beyond the statistics still alive, R in float32 and about seven
+    float32 copies of the layer (W, W̃, D and temporaries of the solve), plus ~0.15 GiB of fixed
+    overhead (measured per layer, bench/README.md). The peak is the larger of: all four statistics while
     q_proj is solved, or down_proj's alone while it is solved.
     """
     gib = 2**30
@@ -80,7 +88,7 @@ def sequential_formula(h: int, i: int, vocab: int, tokens: int, base_gib: float,
     stats = {"attn": 8 * h * h, "o": 8 * h * h, "mlp": 8 * h * h, "down": 8 * i * i}
 
     def step(out_f: int, in_f: int) -> float:
-        return 4 * in_f * in_f + 5 * 4 * out_f * in_f + 0.15 * gib
+        return 4 * in_f * in_f + 7 * 4 * out_f * in_f + 0.15 * gib
 
     parts = {
         "base": base_gib,
@@ -113,7 +121,7 @@ def main() -> None:
     from random_model import write_random_llama
 
     work = Path(args.work)
-    base = run(BASE)["peak_rss_gb"]
+    base = run(BASE)["peak_rss_gib"]
     rows = []
     for n in [int(b) for b in args.blocks.split(",")]:
         src = work / f"llama-h{args.hidden}-i{args.inter}-b{n}"
@@ -125,19 +133,19 @@ def main() -> None:
                             "format": args.format, "rank": args.rank, "report": args.report})
             r.update(pipeline=pipeline, blocks=n, s_per_block=(r["wall_s"] - r["load_s"]) / n)
             if pipeline == "sequential":
-                r["formula_gb"] = sequential_formula(args.hidden, args.inter, args.vocab,
+                r["formula_gib"] = sequential_formula(args.hidden, args.inter, args.vocab,
                                                      args.samples * args.seq_len, base)["total_gib"]
             rows.append(r)
             print(json.dumps(r), file=sys.stderr)
     print(f"# width {args.hidden}/{args.inter}, {args.heads} heads, vocab {args.vocab}; calibration "
           f"{args.samples} x {args.seq_len} tokens; {args.format}, qera-exact r{args.rank}; base process {base:.2f} GiB")
     emit("scale", rows, [
-        ("pipeline", "pipeline", "<10s"), ("blocks", "blocks", "d"), ("peak_rss_gb", "peak RSS GiB", ".2f"),
-        ("formula_gb", "formula GiB", ".2f"), ("wall_s", "wall s", ".1f"), ("s_per_block", "s/block", ".2f"),
+        ("pipeline", "pipeline", "<10s"), ("blocks", "blocks", "d"), ("peak_rss_gib", "peak RSS GiB", ".2f"),
+        ("formula_gib", "formula GiB", ".2f"), ("wall_s", "wall s", ".1f"), ("s_per_block", "s/block", ".2f"),
         ("out_gb", "output GB", ".3f"),
     ])
     for pipeline in args.pipelines.split(","):
-        pts = [(r["blocks"], r["peak_rss_gb"]) for r in rows if r["pipeline"] == pipeline]
+        pts = [(r["blocks"], r["peak_rss_gib"]) for r in rows if r["pipeline"] == pipeline]
         if len(pts) >= 2:
             mx = sum(x for x, _ in pts) / len(pts)
             my = sum(y for _, y in pts) / len(pts)

@@ -27,3 +27,39 @@ def problem():
     g = torch.Generator().manual_seed(1)
     W = torch.randn(48, 64, generator=g) * 0.05
     return W, correlated_inputs(2000, 64, seed=2)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tiny import byte_tokenizer
+
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def batches(tok):
+    """12 windows of 48 tokens of the tiny text, in batches of 4."""
+    from qera.data import calibration_batches
+    from tiny import TEXT
+
+    return calibration_batches(tok, TEXT, n_samples=12, seq_len=48, seed=0, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama and the byte tokenizer saved as a Hugging Face directory."""
+    from tiny import byte_tokenizer, tiny_llama
+
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama().save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    from tiny import TEXT
+
+    p = tmp_path_factory.mktemp("text") / "calib.txt"
+    p.write_text(TEXT)
+    return p

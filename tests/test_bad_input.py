@@ -34,21 +34,6 @@ def one_line_error(capsys, argv, needle):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_llama().save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("text") / "calib.txt"
-    p.write_text(TEXT)
-    return p
-
-
-@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A good checkpoint; tests copy it before breaking it."""
     d = tmp_path_factory.mktemp("ck") / "q"

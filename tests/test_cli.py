@@ -6,21 +6,6 @@ from qera.cli import main
 from tiny import TEXT, byte_tokenizer, tiny_llama
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_llama().save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("text") / "calib.txt"
-    p.write_text(TEXT)
-    return p
-
-
 def run(capsys, *argv):
     code = main([str(a) for a in argv])
     out = capsys.readouterr()

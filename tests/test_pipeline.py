@@ -17,16 +17,6 @@ ALL = ("abs", "sq", "xtx")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def batches(tok):
-    return calibration_batches(tok, TEXT, n_samples=12, seq_len=48, seed=0, batch_size=4)
-
-
-@pytest.fixture(scope="module")
 def stats(batches):
     return collect_statistics(tiny_llama(), batches, kinds=ALL, progress=False)
 

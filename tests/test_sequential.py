@@ -21,16 +21,6 @@ from tiny import TEXT, byte_tokenizer, tiny_llama
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def batches(tok):
-    return calibration_batches(tok, TEXT, n_samples=12, seq_len=48, seed=0, batch_size=4)
-
-
 def padded_batches(tok):
     seqs = [tok(s)["input_ids"] for s in ("short text here", "a much longer piece of text for the batch", "mid size")]
     L = max(map(len, seqs))
@@ -233,7 +223,7 @@ def test_resume_refuses_another_configuration(tmp_path, batches):
 def test_auto_chooses_sequential_over_budget_and_offloads_activations(tmp_path, batches, caplog):
     a, b = tiny_llama(), tiny_llama()
     ra = quantize_model(a, QuantConfig(format="mxint3", rank=4), calibration=batches, progress=False)
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO", logger="qera.plan"):
         rb = quantize_model(b, QuantConfig(format="mxint3", rank=4, pipeline="auto"), calibration=batches,
                             progress=False, max_memory=1000, offload_dir=tmp_path / "off")
     assert rb.pipeline == "sequential" and "over the memory budget" in caplog.text
@@ -262,3 +252,36 @@ def test_failed_run_leaves_the_model_unquantized(batches, pipeline):
     assert set(after) == set(before)
     assert all(torch.equal(before[n], p) or (torch.isnan(before[n]).any() and torch.equal(before[n].isnan(), p.isnan()))
                for n, p in after.items())
+
+
+def test_cli_sequential_streams_and_says_its_plan(tmp_path, capsys):
+    from qera.cli import main
+
+    src = save_source(tmp_path / "src", layers=2)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    code = main(["quantize", str(src), "--format", "mxint3", "--rank", "4", "--pipeline", "auto", "--calib-text", str(text),
+                 "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(tmp_path / "q"), "--no-progress", "--json",
+                 "--report", str(tmp_path / "report.json")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "pipeline sequential" in out.err and "block inputs: 1 batches, 128 tokens" in out.err
+    assert json.loads(out.out)["pipeline"] == "sequential"
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {l["block"] for l in report["layers"]} == {0, 1} and all(l["tokens"] == 128 for l in report["layers"])
+    assert main(["info", str(tmp_path / "q"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["pipeline"] == "sequential" and info["ranks"] == [4]
+
+
+def test_load_with_a_device_map(tmp_path):
+    model = tiny_llama()
+    quantize_model(model, QuantConfig(format="mxint4", method="zeroquant-v2", rank=2), progress=False)
+    save_quantized(model, byte_tokenizer(), tmp_path / "q")
+    back, _ = load_quantized(tmp_path / "q", device_map={"model.layers": "cpu", "": "cpu"})
+    assert all(p.device.type == "cpu" for p in back.parameters())
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+    with pytest.raises(QeraError, match="places no entry"):
+        load_quantized(tmp_path / "q", device_map={"model.layers": "cpu"})

@@ -90,6 +90,7 @@ def collect_statistics(
     kinds: Iterable[str] = ("abs", "sq"),
     share_inputs: bool = True,
     progress: bool = True,
+    precision: str = "mixed",
 ) -> CalibrationStats:
     """Run the full-precision model over ``batches`` and accumulate input statistics of ``targets``.
 
@@ -97,6 +98,7 @@ def collect_statistics(
         batches: dicts with ``input_ids`` (B, T) and optionally ``attention_mask`` (B, T).
         targets: layer names (default: :func:`find_targets`).
         kinds: statistics to keep (``abs``, ``sq``, ``xtx``).
+        precision: ``mixed`` (float32 chunk sums; tensor cores for bf16 on a GPU) or ``float64``.
     """
     batches = list(batches)
     if not batches:
@@ -113,7 +115,7 @@ def collect_statistics(
     runner = runner_for(model, names)
     try:
         groups = group_shared_inputs(model, names, batches[0]) if share_inputs else {n: n for n in names}
-        with record_statistics(modules, kinds, groups) as rec, torch.no_grad():
+        with record_statistics(modules, kinds, groups, precision=precision) as rec, torch.no_grad():
             for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
                 rec.mask = row_mask(batch, device)
                 run_model(runner, batch, device)
@@ -122,4 +124,5 @@ def collect_statistics(
         model.train(was_training)
     log.info("collected %s for %d inputs of %d layers", sorted(kinds), len(stats.stats), len(names))
     stats.extra["kinds"] = ",".join(sorted(frozenset(kinds)))
+    stats.extra["precision"] = precision
     return stats

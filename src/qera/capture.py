@@ -26,6 +26,7 @@ from .errors import QeraError
 from .memory import format_size
 
 log = logging.getLogger(__name__)
+plan_log = logging.getLogger("qera.plan")
 
 
 class _StopForward(Exception):
@@ -207,14 +208,10 @@ class CapturedInputs:
     notes: list[str] = field(default_factory=list)
 
 
-def plan_cache_location(nbytes: int, device: torch.device, budget: int | None, gpu_budget: int | None) -> str:
-    """Where the activations go: the compute device when it is a GPU and they fit ``gpu_budget``,
-    host memory when they fit ``budget``, otherwise disk."""
-    if device.type != "cpu" and gpu_budget is not None and nbytes <= gpu_budget:
-        return "device"
-    if budget is None or nbytes <= budget:
-        return "cpu"
-    return "disk"
+def activation_bytes(batches: Sequence[Mapping[str, torch.Tensor]], width: int, dtype: torch.dtype) -> int:
+    """Bytes of the block inputs of every batch (one hidden state per token)."""
+    per = torch.empty(0, dtype=dtype).element_size()
+    return sum(int(b["input_ids"].numel()) for b in batches) * width * per
 
 
 def capture_block_inputs(
@@ -224,26 +221,20 @@ def capture_block_inputs(
     input_device: torch.device,
     compute_device: torch.device,
     tuple_out: bool,
-    location: str | None = None,
-    budget: int | None = None,
-    gpu_budget: int | None = None,
+    location: str,
+    probe: tuple[torch.Tensor, list[BlockCall]],
     offload_dir: str | os.PathLike | None = None,
 ) -> CapturedInputs:
-    """Capture block inputs for every batch; activations are placed per :func:`plan_cache_location`."""
-    from .calibration import probe_batch
-
-    probe_hidden, probe_calls = capture_calls(runner, blocks, probe_batch(batches[0]), input_device, tuple_out=tuple_out)
-    probe_calls = to_device(probe_calls, compute_device)
-    width, dtype = probe_hidden.shape[-1], probe_hidden.dtype
-    nbytes = sum(int(b["input_ids"].numel()) for b in batches) * width * probe_hidden.element_size()
-    where = location or plan_cache_location(nbytes, compute_device, budget, gpu_budget)
-    cache = ActivationCache(len(batches), where, compute_device, offload_dir)
+    """Capture every block's call for every batch; block 0's inputs go to an :class:`ActivationCache` at ``location``."""
+    probe_hidden, probe_calls = probe
+    cache = ActivationCache(len(batches), location, compute_device, offload_dir)
     calls: list[list[BlockCall]] = []
     masks: list[torch.Tensor | None] = []
-    tokens = 0
+    tokens = nbytes = 0
     try:
         for i, batch in enumerate(batches):
             hidden, batch_calls = capture_calls(runner, blocks, batch, input_device, tuple_out=tuple_out)
+            nbytes += hidden.numel() * hidden.element_size()
             cache.put(i, hidden)
             calls.append(to_device(batch_calls, compute_device))
             m = row_mask(batch, compute_device)
@@ -252,10 +243,20 @@ def capture_block_inputs(
     except BaseException:
         cache.close()
         raise
-    note = (f"block inputs: {len(batches)} batches, {tokens} tokens, {format_size(nbytes)} ({dtype}), "
-            f"kept on {where if where != 'device' else str(compute_device)}")
-    log.info("%s", note)
+    note = (f"block inputs: {len(batches)} batches, {tokens} tokens, {format_size(nbytes)} ({probe_hidden.dtype}), "
+            f"kept on {location if location != 'device' else str(compute_device)}")
+    plan_log.info("%s", note)
     return CapturedInputs(cache, calls, masks, probe_hidden.to(compute_device), probe_calls, nbytes, tokens, [note])
+
+
+def capture_probe(runner: nn.Module, blocks: nn.ModuleList, batch: Mapping[str, torch.Tensor],
+                  input_device: torch.device, compute_device: torch.device,
+                  tuple_out: bool) -> tuple[torch.Tensor, list[BlockCall]]:
+    """Every block's call for a one-row, few-token probe (to group shared inputs and size the plan)."""
+    from .calibration import probe_batch
+
+    hidden, calls = capture_calls(runner, blocks, probe_batch(batch), input_device, tuple_out=tuple_out)
+    return hidden.to(compute_device), to_device(calls, compute_device)
 
 
 def block_output_is_tuple(runner: nn.Module, blocks: nn.ModuleList, batch: Mapping[str, torch.Tensor],

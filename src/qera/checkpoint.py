@@ -238,14 +238,13 @@ def _block_state(block: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file, written atomically (flushed before it appears under its name)."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
+    from .atomic import write_file
+
     # one metadata key only: safetensors writes its metadata map in no fixed order
-    save_file(dict(tensors), str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_file(path, lambda tmp: save_file(dict(tensors), str(tmp), metadata={"format": "pt"}))
 
 
 def _read_st_header(path: Path) -> tuple[int, dict]:
@@ -409,7 +408,7 @@ class CheckpointWriter:
         }
         self._save_state()
 
-    def stored_layers(self, index: int, config=None) -> dict[str, QERALinear]:
+    def stored_layers(self, index: int) -> dict[str, QERALinear]:
         """The quantized layers of a finished block, rebuilt from its file (for a resumed run)."""
         from safetensors.torch import load_file
 

@@ -48,6 +48,8 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-seq-len", type=int, default=512, help="tokens per window (default 512)")
     g.add_argument("--calib-batch-size", type=int, default=8)
     g.add_argument("--seed", type=int, default=0, help="seed for window sampling and the solver")
+    g.add_argument("--stats-precision", choices=["mixed", "float64"], default="mixed",
+                   help="Σxᵀx chunk sums in float32 (tensor cores for bf16 on a GPU) or float64")
 
 
 def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
@@ -135,6 +137,7 @@ def _config(args, fmt: str, method: str, rank: int):
 
     kw: dict[str, Any] = dict(format=fmt, method=method, rank=rank, seed=args.seed,
                               pipeline=getattr(args, "pipeline", "oneshot"), propagate=getattr(args, "propagate", "fp"),
+                              stats_precision=getattr(args, "stats_precision", "mixed"),
                               method_options=_key_values(args.method_opt, "--method-opt"),
                               rank_overrides={k: int(v) for k, v in _key_values(args.rank_override, "--rank-override").items()})
     if args.include:
@@ -155,7 +158,8 @@ def _stats(args, model, tokenizer, kinds, targets):
         return CalibrationStats.load(args.stats)
     if not kinds:
         return None
-    return collect_statistics(model, _calibration_batches(args, tokenizer), list(targets), kinds, progress=not args.no_progress)
+    return collect_statistics(model, _calibration_batches(args, tokenizer), list(targets), kinds, progress=not args.no_progress,
+                              precision=getattr(args, "stats_precision", "mixed"))
 
 
 def _eval(args, model, tokenizer):
@@ -211,7 +215,8 @@ def cmd_quantize(args) -> int:
         calibration = _calibration_batches(args, tok)
     report = quantize_and_save(
         model, config, out, tokenizer=tok, calibration=calibration, stats=stats, overwrite=args.overwrite,
-        resume=args.resume, report_output_error=args.report_output_error or None, progress=not args.no_progress,
+        resume=args.resume, progress=not args.no_progress,
+        report_output_error=True if args.report_output_error else (False if args.no_output_error else None),
         device=args.device, max_memory=args.max_memory, gpu_memory=args.gpu_memory, offload_dir=args.offload_dir,
     )
     if args.report:
@@ -238,7 +243,8 @@ def cmd_calibrate(args) -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     model, tok = _load(args)
     targets = find_targets(model, args.include, args.exclude)
-    stats = collect_statistics(model, _calibration_batches(args, tok), list(targets), kinds, progress=not args.no_progress)
+    stats = collect_statistics(model, _calibration_batches(args, tok), list(targets), kinds, progress=not args.no_progress,
+                               precision=args.stats_precision)
     stats.extra.update({"model": args.model, "samples": args.calib_samples, "seq_len": args.calib_seq_len, "seed": args.seed})
     stats.save(out)
     _emit(args, {"out": str(out), "inputs": len(stats.stats), "layers": len(stats.groups), "tokens": stats.tokens},
@@ -460,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--report", help="write the per-layer report as JSON here")
     p.add_argument("--report-output-error", action="store_true", help="also collect Σxᵀx to report layer output errors")
+    p.add_argument("--no-output-error", action="store_true",
+                   help="skip the per-layer output-error report (one extra in×in product per layer; large models on a CPU)")
     g = p.add_argument_group("scale")
     g.add_argument("--pipeline", choices=["oneshot", "sequential", "auto"], default="oneshot",
                    help="oneshot: whole model at once; sequential: one decoder block at a time (models larger "
@@ -540,9 +548,28 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _PlanOrWarning(logging.Filter):
+    """Always show the run's plan (``qera.plan``: pipeline, activation cache); otherwise the chosen level."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name == "qera.plan" or record.levelno >= self.level
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The CLI owns the "qera" logger for the length of the command (and puts it back after).
+    logger = logging.getLogger("qera")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_PlanOrWarning(logging.INFO if args.verbose else logging.WARNING))
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     try:
         _check_numbers(args)
         return args.func(args)
@@ -559,6 +586,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"qera {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from .errors import QeraError
 from .formats import parse_format
 from .methods import METHODS, get_method
+from .statistics import STATS_PRECISIONS
 from .targets import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, compile_patterns
 
 CONFIG_VERSION = 2
@@ -36,6 +37,7 @@ class QuantConfig:
         would not fit the memory budget).
     propagate: with ``sequential``, the next block's inputs are the outputs of the original block
         (``fp``, same result as one-shot) or of the quantized block (``quantized``, as GPTQ does).
+    stats_precision: ``mixed`` (float32 chunk sums, tensor cores for bf16 on a GPU) or ``float64``.
     """
 
     format: str = "mxint4"
@@ -49,6 +51,7 @@ class QuantConfig:
     seed: int = 0
     pipeline: str = "oneshot"
     propagate: str = "fp"
+    stats_precision: str = "mixed"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -79,6 +82,8 @@ class QuantConfig:
             raise QeraError(f"pipeline must be one of {', '.join(PIPELINES)}, got {self.pipeline!r}")
         if self.propagate not in PROPAGATE:
             raise QeraError(f"propagate must be one of {', '.join(PROPAGATE)}, got {self.propagate!r}")
+        if self.stats_precision not in STATS_PRECISIONS:
+            raise QeraError(f"stats_precision must be one of {', '.join(STATS_PRECISIONS)}, got {self.stats_precision!r}")
         if self.propagate == "quantized" and self.pipeline == "oneshot":
             raise QeraError("propagate='quantized' needs pipeline='sequential' (or 'auto')")
         if self.version != CONFIG_VERSION:

@@ -150,11 +150,13 @@ def load_encoder(source: str, num_labels: int | None = None, dtype: torch.dtype 
 
 def load_model(
     source: str,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = "auto",
     device: str | torch.device = "cpu",
     cache: str | os.PathLike | None = None,
 ):
     """Load ``(model, tokenizer)`` from an alias, a ``.gguf`` file, a local directory or a hub id.
+
+    ``dtype="auto"`` keeps the checkpoint's own dtype (bf16 stays bf16; converted GGUFs are fp32).
 
     A directory written by :func:`qera.save_quantized` is loaded with :func:`qera.load_quantized`.
     """
@@ -171,7 +173,7 @@ def load_model(
         return load_quantized(where, device=device)
     if isinstance(where, Path):
         check_local_model(where, source)
-    if isinstance(dtype, str):
+    if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     try:
         tok = AutoTokenizer.from_pretrained(str(where))

@@ -31,6 +31,7 @@ from .statistics import CalibrationStats, provided
 from .targets import find_blocks, find_targets, linear_shape, replace_module
 
 log = logging.getLogger(__name__)
+plan_log = logging.getLogger("qera.plan")  # decisions a user should see before slow work (the CLI shows them)
 
 __all__ = [
     "CONFIG_VERSION", "LOWRANK_DTYPES", "LayerReport", "QuantConfig", "QuantReport", "quantize_model",
@@ -99,7 +100,7 @@ def _context(model, config, calibration, stats, report_output_error, progress, d
         calibration = list(calibration)
     name, why = choose_pipeline(config, model, targets, kinds, calibration, max_memory, lazy)
     if why:
-        log.warning("pipeline %s: %s", name, why)
+        plan_log.info("pipeline %s: %s", name, why)
     run_config = dataclasses.replace(config, pipeline=name)
     report = QuantReport(run_config, pipeline=name)
     if why:
@@ -222,7 +223,7 @@ def quantize_and_save(
                                     stats_kinds_for(config, bool(report_output_error)), calibration,
                                     parse_size(max_memory, "max_memory"), lazy)
     if why:
-        log.warning("pipeline %s: %s", pipeline, why)
+        plan_log.info("pipeline %s: %s", pipeline, why)
     config = dataclasses.replace(config, pipeline=pipeline)
     if pipeline == "sequential":
         writer = CheckpointWriter(out, overwrite=overwrite, resume=resume,

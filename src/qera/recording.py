@@ -68,6 +68,7 @@ def record_statistics(
     kinds: Iterable[str],
     groups: Mapping[str, str] | None = None,
     stats: CalibrationStats | None = None,
+    precision: str = "mixed",
 ) -> Iterator[StatisticsRecorder]:
     """Accumulate ``kinds`` of the inputs of ``modules`` while the block runs; hooks off in ``finally``.
 
@@ -75,12 +76,14 @@ def record_statistics(
         modules: name → linear-like module.
         groups: name → representative name (layers sharing an input; default: none shared).
         stats: accumulators to add into (default: new, zeroed ones).
+        precision: ``mixed`` or ``float64`` chunk sums (see :data:`qera.statistics.STATS_PRECISIONS`).
     """
     groups = dict(groups) if groups is not None else {n: n for n in modules}
     if stats is None:
         kinds = frozenset(kinds)
         stats = CalibrationStats(
-            {rep: ActivationStats(linear_shape(modules[rep])[1], kinds, name=rep) for rep in dict.fromkeys(groups.values())},
+            {rep: ActivationStats(linear_shape(modules[rep])[1], kinds, name=rep, precision=precision)
+             for rep in dict.fromkeys(groups.values())},
             groups,
         )
     recorder = StatisticsRecorder(stats)

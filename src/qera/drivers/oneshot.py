@@ -23,7 +23,8 @@ def run_oneshot(ctx: DriverContext) -> None:
         if ctx.calibration is None:
             raise QeraError(f"method {ctx.quantizer.config.method!r} needs calibration data or precomputed statistics")
         t0 = time.perf_counter()
-        stats = collect_statistics(ctx.model, ctx.calibration, list(ctx.targets), ctx.kinds, progress=ctx.progress)
+        stats = collect_statistics(ctx.model, ctx.calibration, list(ctx.targets), ctx.kinds, progress=ctx.progress,
+                                   precision=ctx.quantizer.config.stats_precision)
         ctx.report.calibration_seconds = time.perf_counter() - t0
         own = True
     if stats is not None:

@@ -19,16 +19,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import model_device, runner_for
-from ..capture import capture_block_inputs, block_output_is_tuple
+from ..capture import activation_bytes, block_output_is_tuple, capture_block_inputs, capture_probe
 from ..errors import QeraError
-from ..recording import probe_shared_inputs, record_statistics
 from ..memory import trim_heap
+from ..placement import BlockNeeds, Plan, plan_placement
+from ..recording import probe_shared_inputs, record_statistics
 from ..streaming import Placer, release
-from ..targets import block_index, find_blocks
+from ..targets import block_index, find_blocks, linear_shape
 from . import DRIVERS
 from .base import DriverContext
 
 log = logging.getLogger(__name__)
+plan_log = logging.getLogger("qera.plan")
 
 
 def _split_by_block(ctx: DriverContext, blocks_name: str) -> dict[int, dict[str, nn.Module]]:
@@ -78,10 +80,12 @@ def run_sequential(ctx: DriverContext) -> None:
     prefix0 = f"{blocks_name}.0."
     placer.onload(0, blocks[0], prefix0)
     tuple_out = block_output_is_tuple(runner, blocks, batches[0], input_device, device)
-    captured = capture_block_inputs(
-        runner, blocks, batches, input_device, device, tuple_out,
-        budget=ctx.max_memory, gpu_budget=ctx.gpu_memory, offload_dir=ctx.offload_dir,
-    )
+    probe = capture_probe(runner, blocks, batches[0], input_device, device, tuple_out)
+    plan = _plan(ctx, blocks[0], prefix0, by_block.get(0, {}), probe, batches, device)
+    plan_log.info("%s", plan.describe())
+    ctx.report.notes.append(plan.describe())
+    captured = capture_block_inputs(runner, blocks, batches, input_device, device, tuple_out, plan.activations, probe,
+                                    offload_dir=ctx.offload_dir)
     ctx.report.notes.extend(captured.notes)
     ctx.report.calibration_tokens = captured.tokens
     cache = captured.cache
@@ -96,62 +100,29 @@ def run_sequential(ctx: DriverContext) -> None:
             if i > 0:
                 placer.onload(i, block, prefix)
             names = by_block.get(i, {})
-            t0 = time.perf_counter()
             calls = [c[i] for c in captured.calls]
+            t0 = time.perf_counter()
             if i < done:  # resume: replay the finished block to rebuild the next inputs
-                _replay(ctx, writer, i, block, prefix, names, calls, cache, propagate)
-                placer.offload(i, block, prefix)
+                _replay(ctx, writer, i, block, names, calls, cache, propagate)
                 ctx.report.calibration_seconds += time.perf_counter() - t0
-                continue
-            if not names:
-                with torch.no_grad():
-                    for b, call in enumerate(calls):
-                        cache.put(b, call(block, cache.get(b)))
+            elif not names:
+                _propagate(block, calls, cache)
+                if writer is not None:
+                    writer.add_block(i, prefix, block, [])
             else:
                 mods = _block_modules(block, prefix, names)
-                probe = captured.probe_calls[i]
-                groups = probe_shared_inputs(mods, lambda: probe(block, captured.probe_hidden))
-                with record_statistics(mods, ctx.kinds, groups) as rec, torch.no_grad():
-                    for b, call in enumerate(calls):
-                        rec.mask = captured.masks[b]
-                        out = call(block, cache.get(b))
-                        if propagate == "fp":
-                            cache.put(b, out)
-                        del out
-                    stats = rec.stats
+                stats = _record(ctx, block, mods, calls, cache, captured, i, propagate == "fp")
                 ctx.report.calibration_seconds += time.perf_counter() - t0
                 t1 = time.perf_counter()
-                for name, mod in mods.items():  # checked before any layer of the block is replaced
-                    q.check(name, mod, stats[name] if name in stats else None)
-                finished: set[str] = set()
-                reports = []
-                for name, mod in mods.items():
-                    result = q(name, mod, stats[name] if name in stats else None, ctx.output_error)
-                    result.report.block = i
-                    ctx.replace(name, ctx.sink(name, mod, result))
-                    reports.append(result.report)
-                    finished.add(name)
-                    stats.release(name, finished)
-                    del result
-                    trim_heap()
-                del stats
-                ctx.report.layers.extend(reports)
+                reports = _solve_block(ctx, mods, stats, i)
                 solve_s += time.perf_counter() - t1
                 if propagate == "quantized":
                     t2 = time.perf_counter()
-                    with torch.no_grad():
-                        for b, call in enumerate(calls):
-                            cache.put(b, call(block, cache.get(b)))
+                    _propagate(block, calls, cache)
                     ctx.report.calibration_seconds += time.perf_counter() - t2
                 if writer is not None:
                     writer.add_block(i, prefix, block, reports)
-            if writer is not None and not names:
-                writer.add_block(i, prefix, block, [])
-            placer.offload(i, block, prefix)
-            if getattr(placer, "drops", False):  # the replaced fp layers of a streamed block go too
-                for name in names:
-                    release(ctx.replaced[name])
-            trim_heap()
+            _offload(ctx, placer, i, block, prefix, names)
             bar.set_postfix(layers=len(ctx.report.layers))
     finally:
         cache.close()
@@ -159,20 +130,90 @@ def run_sequential(ctx: DriverContext) -> None:
     ctx.report.solve_seconds = solve_s
 
 
-def _replay(ctx: DriverContext, writer, i: int, block: nn.Module, prefix: str, names: dict[str, nn.Module],
-            calls, cache, propagate: str) -> None:
-    """A block finished by an interrupted run: put its saved layers in and recompute its outputs."""
-    stored = writer.stored_layers(i, ctx.quantizer.config) if names else {}
-
-    def swap_in() -> None:
-        for name, new in stored.items():
-            ctx.replace(name, new.to(next(iter(block.parameters())).device))
-
-    if propagate == "quantized":
-        swap_in()
+def _propagate(block: nn.Module, calls, cache) -> None:
+    """Replace each batch's cached input by the block's output."""
     with torch.no_grad():
         for b, call in enumerate(calls):
             cache.put(b, call(block, cache.get(b)))
+
+
+def _record(ctx: DriverContext, block: nn.Module, mods: dict[str, nn.Module], calls, cache, captured, i: int,
+            keep_outputs: bool):
+    """Run the cached inputs through the block with statistics recorded; with ``keep_outputs`` the
+    outputs replace the inputs (``propagate="fp"``: no second forward). Returns the statistics."""
+    probe_call = captured.probe_calls[i]
+    groups = probe_shared_inputs(mods, lambda: probe_call(block, captured.probe_hidden))
+    precision = ctx.quantizer.config.stats_precision
+    with record_statistics(mods, ctx.kinds, groups, precision=precision) as rec, torch.no_grad():
+        for b, call in enumerate(calls):
+            rec.mask = captured.masks[b]
+            out = call(block, cache.get(b))
+            if keep_outputs:
+                cache.put(b, out)
+            del out
+        return rec.stats
+
+
+def _solve_block(ctx: DriverContext, mods: dict[str, nn.Module], stats, i: int) -> list:
+    """Check every layer of the block, then solve and replace them one by one, freeing statistics as they go."""
+    q = ctx.quantizer
+    for name, mod in mods.items():  # checked before any layer of the block is replaced
+        q.check(name, mod, stats[name] if name in stats else None)
+    finished: set[str] = set()
+    reports = []
+    for name, mod in mods.items():
+        result = q(name, mod, stats[name] if name in stats else None, ctx.output_error)
+        result.report.block = i
+        ctx.replace(name, ctx.sink(name, mod, result))
+        reports.append(result.report)
+        finished.add(name)
+        stats.release(name, finished)
+        del result
+        trim_heap()  # per-layer temporaries are tens of MB: give them back before the next layer
+    ctx.report.layers.extend(reports)
+    return reports
+
+
+def _offload(ctx: DriverContext, placer, i: int, block: nn.Module, prefix: str, names) -> None:
+    placer.offload(i, block, prefix)
+    if getattr(placer, "drops", False):  # the replaced fp layers of a streamed block go too
+        for name in names:
+            if name in ctx.replaced:
+                release(ctx.replaced[name])
+    trim_heap()
+
+
+def _plan(ctx: DriverContext, block: nn.Module, prefix: str, names: dict[str, nn.Module], probe, batches,
+          device: torch.device) -> Plan:
+    """Size one block's work (block 0 stands for all) and place the activations within the budgets."""
+    probe_hidden, probe_calls = probe
+    mods = _block_modules(block, prefix, names)
+    groups = probe_shared_inputs(mods, lambda: probe_calls[0](block, probe_hidden)) if mods else {}
+    widths = [linear_shape(mods[r])[1] for r in set(groups.values())]
+    stats = sum(8 * w * w if "xtx" in ctx.kinds else 8 * w * len(ctx.kinds) for w in widths)
+    solve = max((4 * i * i + 28 * o * i for o, i in (linear_shape(m) for m in mods.values())), default=0)
+    weights = sum(p.numel() * p.element_size() for p in block.parameters())
+    needs = BlockNeeds(weights, stats, solve, activation_bytes(batches, probe_hidden.shape[-1], probe_hidden.dtype))
+    gpu_budget = ctx.gpu_memory
+    if device.type == "cuda" and gpu_budget is None:
+        free, _ = torch.cuda.mem_get_info(device)
+        gpu_budget = int(0.9 * free)
+    return plan_placement(str(device), needs, gpu_budget, ctx.max_memory)
+
+
+def _replay(ctx: DriverContext, writer, i: int, block: nn.Module, names: dict[str, nn.Module], calls, cache,
+            propagate: str) -> None:
+    """A block finished by an interrupted run: put its saved layers in and recompute its outputs."""
+    stored = writer.stored_layers(i) if names else {}
+
+    def swap_in() -> None:
+        device = next(iter(block.parameters())).device
+        for name, new in stored.items():
+            ctx.replace(name, new.to(device))
+
+    if propagate == "quantized":
+        swap_in()
+    _propagate(block, calls, cache)
     if propagate == "fp":
         swap_in()
     ctx.report.layers.extend(writer.stored_reports(i))

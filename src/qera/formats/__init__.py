@@ -12,14 +12,10 @@ import re
 
 import torch
 
-from .._registry import Registry
 from ..errors import QeraError
-
-FORMATS: Registry[type] = Registry("weight format")
-
-from .base import QuantizedWeight, WeightFormat  # noqa: E402
-from . import mxint, integer, normalfloat  # noqa: E402,F401  (registration)
-from .packing import pack_bits, unpack_bits  # noqa: E402
+from .base import FORMATS, QuantizedWeight, WeightFormat
+from . import mxint, integer, normalfloat  # noqa: F401  (registration)
+from .packing import pack_bits, unpack_bits
 
 _SPEC = re.compile(r"^([a-z]+)(\d+)$")
 _TRUE = ("1", "true", "yes", "on")

@@ -13,7 +13,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._registry import Registry
 from ..errors import QeraError
+
+FORMATS: Registry[type] = Registry("weight format")  # family -> WeightFormat subclass
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

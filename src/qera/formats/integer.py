@@ -16,8 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import QeraError
-from . import FORMATS
-from .base import WeightFormat, as_rows, block_grid, from_rows
+from .base import FORMATS, WeightFormat, as_rows, block_grid, from_rows
 from .packing import pack_bits, packed_nbytes, unpack_bits
 
 

@@ -10,14 +10,10 @@ from typing import Any
 
 import torch
 
-from .._registry import Registry
-
-METHODS: Registry[type] = Registry("method")
-
-from ..formats import QuantizedWeight, WeightFormat, parse_format  # noqa: E402
-from ..statistics import ActivationStats  # noqa: E402
-from .base import Method, Reconstruction  # noqa: E402
-from . import basic, scaled, loftq  # noqa: E402,F401  (registration)
+from ..formats import QuantizedWeight, WeightFormat, parse_format
+from ..statistics import ActivationStats
+from .base import METHODS, Method, Reconstruction
+from . import basic, scaled, loftq  # noqa: F401  (registration)
 
 
 def get_method(method: "str | Method", **options: Any) -> Method:

@@ -9,10 +9,14 @@ from typing import Any, ClassVar
 
 import torch
 
+from .._registry import Registry
 from ..errors import QeraError, where
 from ..formats import QuantizedWeight, WeightFormat
 from ..linalg import SolverOptions
 from ..statistics import ActivationStats, provided
+
+
+METHODS: Registry[type] = Registry("method")  # name -> Method subclass; one module per family registers here
 
 
 @dataclass

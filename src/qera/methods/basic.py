@@ -6,8 +6,7 @@ import torch
 
 from ..linalg import weighted_lowrank
 from ..statistics import ActivationStats
-from . import METHODS
-from .base import Method
+from .base import METHODS, Method
 
 
 @METHODS.register("w-only")

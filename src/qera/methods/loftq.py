@@ -9,8 +9,7 @@ import torch
 from ..errors import QeraError, where
 from ..formats import QuantizedWeight, WeightFormat
 from ..linalg import weighted_lowrank
-from . import METHODS
-from .base import Method, Reconstruction
+from .base import METHODS, Method, Reconstruction
 
 
 @METHODS.register("loftq")

@@ -14,8 +14,7 @@ import torch
 
 from ..linalg import weighted_lowrank
 from ..statistics import ActivationStats
-from . import METHODS
-from .base import Method
+from .base import METHODS, Method
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,53 @@
+"""Placement of the sequential driver under simulated budgets, and the GPU benchmark's CPU smoke run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qera import QeraError
+from qera.placement import BlockNeeds, plan_placement
+
+GB = 10**9
+# a Llama-2-7B block in bf16 with 128 x 2048 calibration tokens (sizes as the driver computes them)
+NEEDS_7B = BlockNeeds(weights=int(0.40 * GB), statistics=int(1.37 * GB), solve=int(1.15 * GB),
+                      activations=128 * 2048 * 4096 * 2)
+
+
+def test_activations_on_the_gpu_when_they_fit_beside_one_block():
+    plan = plan_placement("cuda:0", NEEDS_7B, gpu_budget=24 * GB, host_budget=100 * GB)
+    assert plan.activations == "device"
+    assert "activations 2.0 GiB on cuda:0" in plan.describe() and "GPU budget 22.4 GiB" in plan.describe()
+
+
+def test_pinned_host_memory_when_the_gpu_budget_is_tight():
+    plan = plan_placement("cuda:0", NEEDS_7B, gpu_budget=4 * GB, host_budget=100 * GB)
+    assert plan.activations == "cpu" and "(pinned)" in plan.describe()
+
+
+def test_disk_when_host_memory_is_tight_too():
+    assert plan_placement("cuda:0", NEEDS_7B, gpu_budget=4 * GB, host_budget=1 * GB).activations == "disk"
+    assert plan_placement("cpu", NEEDS_7B, host_budget=1 * GB).activations == "disk"
+    assert plan_placement("cpu", NEEDS_7B, host_budget=10 * GB).activations == "cpu"
+
+
+def test_a_budget_below_one_block_is_refused_up_front():
+    with pytest.raises(QeraError, match=r"one block needs about 2\.7 GiB on cuda:0.*over the GPU budget of 1\.9 GiB"):
+        plan_placement("cuda:0", NEEDS_7B, gpu_budget=2 * GB)
+
+
+def test_gpu_7b_bench_smoke_on_cpu():
+    """The exact smoke command of issue 17: every phase prints one JSON line with the agreed keys."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "bench" / "gpu_7b.py"), "--device", "cpu", "--blocks", "2", "--hidden", "256",
+           "--inter", "768", "--heads", "4", "--vocab", "1000", "--samples", "8", "--seqlen", "128"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+    phases = [l["phase"] for l in lines]
+    assert phases == ["build model", "qera int4:group=128 qera-exact r32", "qera mxint4 qera-exact r32"]
+    for l in lines:
+        assert {"seconds", "peak_gpu_gb", "peak_rss_gb"} <= set(l) and l["peak_gpu_gb"] is None and l["seconds"] > 0
+    assert lines[1]["layers"] == 14 and any("plan: one block at a time on cpu" in n for n in lines[1]["notes"])
