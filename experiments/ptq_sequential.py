@@ -64,8 +64,7 @@ def main() -> None:
                          "mean_output_error_ratio": q["mean_output_error_ratio"], "quantize_seconds": seconds})
             print(json.dumps(rows[-1]), flush=True)
             write_json(out / "results.json", {"model": args.model, "method": args.method, "rows": rows})
-    base = {r["setting"]: r["perplexity"] for r in rows if r["pipeline"] == "oneshot"}
-    print(f"\n| setting | one-shot | sequential, fp | rel. diff | sequential, quantized | quantize s (1-shot / seq fp / seq q) |")
+    print("\n| setting | one-shot | sequential, fp | rel. diff | sequential, quantized | quantize s (1-shot / seq fp / seq q) |")
     print("|---|---:|---:|---:|---:|---:|")
     for setting in args.settings.split(","):
         r = {(x["pipeline"], x.get("propagate")): x for x in rows if x["setting"] == setting}

@@ -3,7 +3,6 @@ import json
 import pytest
 
 from qera.cli import main
-from tiny import TEXT, byte_tokenizer, tiny_llama
 
 
 def run(capsys, *argv):

@@ -10,8 +10,7 @@ from qera import (
     QERALinear, QeraError, QuantConfig, collect_statistics, find_targets, load_quantized, perplexity,
     quantize_model, save_quantized,
 )
-from qera.data import calibration_batches
-from tiny import TEXT, byte_tokenizer, tiny_llama
+from tiny import TEXT, tiny_llama
 
 ALL = ("abs", "sq", "xtx")
 

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from qera import QERALinear, QeraError, QuantConfig, load_quantized, quantize_and_save, quantize_model, save_quantized
 from qera.checkpoint import read_qera_config
-from qera.data import calibration_batches
 from qera.metrics import layer_output_error
 from tiny import TEXT, byte_tokenizer, tiny_llama
 
@@ -153,14 +152,15 @@ KILL = textwrap.dedent("""
             return orig(self, i, *a, **k)
         ck.CheckpointWriter.add_block = add_block
     else:
-        orig = ck._save_safetensors
+        from qera.checkpoint import writer as ckw
+        orig = ckw._save_safetensors
         def save(tensors, path):
             if path.name == f"block-{{at:05d}}.safetensors":
                 from safetensors.torch import save_file
                 save_file(dict(tensors), str(path.with_name("." + path.name + ".tmp")))
                 os.kill(os.getpid(), signal.SIGKILL)
             return orig(tensors, path)
-        ck._save_safetensors = save
+        ckw._save_safetensors = save
     from qera.cli import main
     sys.exit(main(sys.argv[3:]))
 """)
@@ -222,7 +222,7 @@ def test_resume_refuses_another_configuration(tmp_path, batches):
 
 def test_auto_chooses_sequential_over_budget_and_offloads_activations(tmp_path, batches, caplog):
     a, b = tiny_llama(), tiny_llama()
-    ra = quantize_model(a, QuantConfig(format="mxint3", rank=4), calibration=batches, progress=False)
+    quantize_model(a, QuantConfig(format="mxint3", rank=4), calibration=batches, progress=False)
     with caplog.at_level("INFO", logger="qera.plan"):
         rb = quantize_model(b, QuantConfig(format="mxint3", rank=4, pipeline="auto"), calibration=batches,
                             progress=False, max_memory=1000, offload_dir=tmp_path / "off")

@@ -383,8 +383,6 @@ def cmd_finetune(args) -> int:
             stats = collect_statistics(model, calib, list(find_targets(model)), kinds, progress=not args.no_progress)
         pm, _ = prepare_qpeft_model(model, qcfg, stats=stats, progress=not args.no_progress)
     if clm:
-        from .data import sample_windows
-
         tr = tokenize(tok, train_text)
         n_tr = min(args.max_train_samples or 10**9, tr.numel() // args.seq_len)
         ev = tokenize(tok, eval_text)
@@ -415,7 +413,6 @@ def cmd_output_error(args) -> int:
     """Figure 1 of the QERA paper: output error of each init before training, over ranks and LoftQ iterations."""
     from .analysis import output_error_sweep
     from .calibration import collect_statistics, find_targets
-    from .data import load_text
     from .finetune import write_result
     from .models import load_encoder, load_model
     from .plots import plot_output_error

@@ -7,7 +7,6 @@ returned and written as JSON; curves are drawn by :mod:`qera.plots`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import asdict, dataclass

@@ -22,7 +22,7 @@ from .calibration import group_shared_inputs
 from .config import CONFIG_VERSION, LOWRANK_DTYPES, QuantConfig
 from .drivers import DRIVERS, DriverContext
 from .errors import QeraError
-from .layer import LayerQuantizer, LayerResult, ptq_sink
+from .layer import LayerQuantizer, ptq_sink
 from .memory import default_budget, format_size, parse_size, stats_bytes
 from .methods import METHODS
 from .moe import unfuse_experts, unfused_names

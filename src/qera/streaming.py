@@ -118,7 +118,7 @@ class WeightSource:
         self._handles.clear()
 
 
-def _assign(module: nn.Module, local: str, value: torch.Tensor) -> torch.Tensor:
+def assign_tensor(module: nn.Module, local: str, value: torch.Tensor) -> torch.Tensor:
     """Put ``value`` at ``local`` (a parameter or buffer name); returns the object stored."""
     owner_name, _, attr = local.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
@@ -160,7 +160,7 @@ def materialize(module: nn.Module, prefix: str, source: WeightSource, device: to
         if any(local.startswith(sp) for sp in special):
             continue
         if id(t) in done:
-            _assign(module, local, done[id(t)])
+            assign_tensor(module, local, done[id(t)])
             continue
         key = prefix + local
         value = source.get(key, device)
@@ -169,7 +169,7 @@ def materialize(module: nn.Module, prefix: str, source: WeightSource, device: to
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         total += value.numel() * value.element_size()
-        done[id(t)] = _assign(module, local, value)
+        done[id(t)] = assign_tensor(module, local, value)
     return total
 
 

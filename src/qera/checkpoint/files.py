@@ -1,0 +1,142 @@
+"""Reading and writing safetensors files: headers, a lazy multi-shard reader, atomic writes, a streaming merge."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import QeraError
+from .layout import WEIGHTS, WEIGHTS_INDEX
+
+DEFAULT_MAX_SHARD = 5 * 10**9  # one model.safetensors up to this size, shards + index beyond
+
+class TensorFiles:
+    """The tensors of a checkpoint directory: names → (file, shape, dtype), read lazily."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.path = path
+        index, single = path / WEIGHTS_INDEX, path / WEIGHTS
+        files: dict[str, Path] = {}
+        if index.is_file():
+            try:
+                wm = json.loads(index.read_text())["weight_map"]
+                files = {k: path / v for k, v in wm.items()}
+            except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise QeraError(f"{index} is not a valid safetensors index ({type(exc).__name__}: {exc})") from None
+        elif single.exists():
+            files = {}
+        else:
+            raise QeraError(f"{path} holds neither {WEIGHTS} nor {WEIGHTS_INDEX}")
+        shard_list = sorted(set(files.values())) if files else [single]
+        self.header: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
+        for shard in shard_list:
+            if not shard.is_file():
+                raise QeraError(f"{shard} is missing (named in {index.name})")
+            if shard.stat().st_size == 0:
+                raise QeraError(f"{shard} is empty (0 bytes): the checkpoint is incomplete")
+            try:
+                with safe_open(str(shard), framework="pt") as f:
+                    for k in f.keys():
+                        sl = f.get_slice(k)
+                        self.header[k] = (shard, tuple(sl.get_shape()), _st_dtype(sl.get_dtype(), shard, k))
+            except (OSError, SafetensorError) as exc:
+                raise QeraError(f"{shard} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+        if files:
+            wrong = sorted(k for k, f in files.items() if k not in self.header or self.header[k][0] != f)
+            if wrong:
+                raise QeraError(f"{index}: {len(wrong)} tensor(s) are not in the shard the index names, e.g. {wrong[:3]}")
+        self._handles: dict[Path, Any] = {}
+
+    def keys(self) -> set[str]:
+        return set(self.header)
+
+    def get(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        from safetensors import safe_open
+
+        shard = self.header[key][0]
+        h = self._handles.get(shard)
+        if h is None:
+            h = self._handles[shard] = safe_open(str(shard), framework="pt")
+        t = h.get_tensor(key)
+        return t if str(device) == "cpu" else t.to(device)
+
+
+def _st_dtype(name: str, shard: Path, key: str) -> torch.dtype:
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+    if name not in table:
+        raise QeraError(f"{shard}: tensor {key} has dtype {name}, which qera does not read")
+    return table[name]
+
+
+def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file, written atomically (flushed before it appears under its name)."""
+    from safetensors.torch import save_file
+
+    from ..atomic import write_file
+
+    # one metadata key only: safetensors writes its metadata map in no fixed order
+    write_file(path, lambda tmp: save_file(dict(tensors), str(tmp), metadata={"format": "pt"}))
+
+
+def _read_st_header(path: Path) -> tuple[int, dict]:
+    """``(data start, header)`` of a safetensors file."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+def merge_safetensors(parts: list[Path], out: Path, chunk: int = 64 * 2**20) -> None:
+    """Concatenate safetensors files into one, copying raw bytes in chunks (memory: one chunk).
+
+    Tensors are laid out in name order; the header is padded with spaces to a multiple of 8.
+    """
+    entries = []
+    for p in parts:
+        start, header = _read_st_header(p)
+        for name, info in header.items():
+            if name != "__metadata__":
+                entries.append((name, p, start, info))
+    entries.sort(key=lambda e: e[0])
+    if len({e[0] for e in entries}) != len(entries):
+        raise QeraError("two parts of the checkpoint hold a tensor of the same name")
+    table: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, _, _, info in entries:
+        size = info["data_offsets"][1] - info["data_offsets"][0]
+        table[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(table, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "wb") as w:
+        w.write(len(head).to_bytes(8, "little"))
+        w.write(head)
+        handles: dict[Path, Any] = {}
+        try:
+            for name, p, start, info in entries:
+                f = handles.get(p) or handles.setdefault(p, open(p, "rb"))
+                b, e = info["data_offsets"]
+                f.seek(start + b)
+                left = e - b
+                while left:
+                    buf = f.read(min(chunk, left))
+                    if not buf:
+                        raise QeraError(f"{p} ended early while merging the checkpoint")
+                    w.write(buf)
+                    left -= len(buf)
+        finally:
+            for f in handles.values():
+                f.close()
+        w.flush()
+        os.fsync(w.fileno())
+    os.replace(tmp, out)
+
+
