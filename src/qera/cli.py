@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -219,6 +220,8 @@ def cmd_quantize(args) -> int:
         report_output_error=True if args.report_output_error else (False if args.no_output_error else None),
         device=args.device, max_memory=args.max_memory, gpu_memory=args.gpu_memory, offload_dir=args.offload_dir,
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun rank 0 writes and reports
     if args.report:
         write_text(args.report, report.to_json())
     s = report.summary()
@@ -567,8 +570,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    made_group = False
     try:
         _check_numbers(args)
+        if args.command == "quantize":
+            from .distributed import init_from_env
+
+            made_group = init_from_env()  # under torchrun: one process group for the run
+            if made_group and int(os.environ.get("RANK", "0")) != 0:  # one voice: rank 0 prints
+                handler.filters.clear()
+                handler.setLevel(logging.WARNING)
+                args.no_progress = True
         return args.func(args)
     except QeraError as exc:
         print(f"qera {args.command}: error: {exc}", file=sys.stderr)
@@ -584,6 +596,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"qera {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
+        if made_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
         logger.removeHandler(handler)
         logger.setLevel(saved[0])
         logger.propagate = saved[1]

@@ -73,6 +73,13 @@ def oneshot_stats_bytes(model: nn.Module, targets: Mapping[str, nn.Module], kind
 def choose_pipeline(config: QuantConfig, model: nn.Module, targets: Mapping[str, nn.Module], kinds: frozenset[str],
                     calibration, max_memory: int | None, lazy: bool = False) -> tuple[str, str | None]:
     """The pipeline to run for ``config.pipeline == "auto"``: ``(name, why)``."""
+    from .distributed import Dist
+
+    if Dist.current() is not None:
+        if config.pipeline == "oneshot":
+            raise QeraError("several processes (torchrun) need pipeline='sequential' or 'auto', not 'oneshot'")
+        return "sequential", ("several processes split the calibration data block by block"
+                              if config.pipeline == "auto" else None)
     if config.pipeline != "auto":
         return config.pipeline, None
     if lazy:
@@ -111,8 +118,13 @@ def _context(model, config, calibration, stats, report_output_error, progress, d
             raise QeraError(f"the given statistics lack {sorted(missing)} needed by {config.method}; recalibrate with them")
     if kinds and stats is None and calibration is None:
         raise QeraError(f"method {config.method!r} needs calibration data or precomputed statistics")
+    from .distributed import Dist
+
+    dist = Dist.current()
+    if dist is not None and not dist.is_main:
+        progress = False
     return DriverContext(
-        model=model, targets=targets, quantizer=quantizer, report=report,
+        dist=dist, model=model, targets=targets, quantizer=quantizer, report=report,
         sink=sink or ptq_sink(getattr(torch, config.lowrank_dtype)), calibration=calibration, stats=stats,
         kinds=kinds, output_error=report_output_error is not False, progress=progress,
         device=resolve_device(device), max_memory=max_memory if max_memory is not None else default_budget(),
@@ -225,7 +237,10 @@ def quantize_and_save(
     if why:
         plan_log.info("pipeline %s: %s", pipeline, why)
     config = dataclasses.replace(config, pipeline=pipeline)
-    if pipeline == "sequential":
+    from .distributed import Dist
+
+    dist = Dist.current()
+    if pipeline == "sequential" and (dist is None or dist.is_main):  # rank 0 alone writes
         writer = CheckpointWriter(out, overwrite=overwrite, resume=resume,
                                   fingerprint=_fingerprint(config, model, calibration, source_id))
     elif resume:
@@ -236,7 +251,9 @@ def quantize_and_save(
         if why:
             ctx.report.notes.append(f"pipeline {pipeline}: {why}")
         DRIVERS.get(ctx.report.pipeline)(ctx)
-        if writer is None:
+        if dist is not None and not dist.is_main:
+            pass
+        elif writer is None:
             save_quantized(model, tokenizer, out, overwrite=overwrite, report=ctx.report)
         else:
             blocks_name, _ = find_blocks(model, list(ctx.targets))
@@ -250,4 +267,6 @@ def quantize_and_save(
         if writer is not None:
             writer.close(success=False)
         raise
+    if dist is not None:
+        dist.barrier()  # every rank returns once the checkpoint exists
     return ctx.report

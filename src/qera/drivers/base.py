@@ -46,6 +46,7 @@ class DriverContext:
     offload_dir: str | os.PathLike | None = None
     placer: object | None = None
     writer: object | None = None
+    dist: object | None = None  # qera.distributed.Dist when running under torchrun (sequential only)
     replaced: dict[str, nn.Module] = field(default_factory=dict)
 
     def replace(self, name: str, new: nn.Module) -> None:

@@ -76,6 +76,9 @@ def run_sequential(ctx: DriverContext) -> None:
     batches = list(ctx.calibration or [])
     if not batches:
         raise QeraError("no calibration batches")
+    dist = ctx.dist
+    if dist is not None:
+        batches = dist.shard(batches)  # every world-th batch: statistics are summed across ranks
     t_cal = time.perf_counter()
     prefix0 = f"{blocks_name}.0."
     placer.onload(0, blocks[0], prefix0)
@@ -87,9 +90,11 @@ def run_sequential(ctx: DriverContext) -> None:
     captured = capture_block_inputs(runner, blocks, batches, input_device, device, tuple_out, plan.activations, probe,
                                     offload_dir=ctx.offload_dir)
     ctx.report.notes.extend(captured.notes)
-    ctx.report.calibration_tokens = captured.tokens
+    ctx.report.calibration_tokens = captured.tokens if dist is None else dist.sum_int(captured.tokens)
     cache = captured.cache
     done = writer.done_blocks if writer is not None else 0
+    if dist is not None:
+        done = dist.broadcast_json(done, 0)
     solve_s = 0.0
     ctx.report.calibration_seconds = time.perf_counter() - t_cal
     bar = tqdm(range(len(blocks)), desc=f"{q.config.method} {q.config.format} by block", unit="block",
@@ -103,7 +108,7 @@ def run_sequential(ctx: DriverContext) -> None:
             calls = [c[i] for c in captured.calls]
             t0 = time.perf_counter()
             if i < done:  # resume: replay the finished block to rebuild the next inputs
-                _replay(ctx, writer, i, block, names, calls, cache, propagate)
+                _replay(ctx, writer, i, block, names, calls, cache, propagate, device)
                 ctx.report.calibration_seconds += time.perf_counter() - t0
             elif not names:
                 _propagate(block, calls, cache)
@@ -112,6 +117,8 @@ def run_sequential(ctx: DriverContext) -> None:
             else:
                 mods = _block_modules(block, prefix, names)
                 stats = _record(ctx, block, mods, calls, cache, captured, i, propagate == "fp")
+                if dist is not None:
+                    dist.all_reduce_stats(stats)
                 ctx.report.calibration_seconds += time.perf_counter() - t0
                 t1 = time.perf_counter()
                 reports = _solve_block(ctx, mods, stats, i)
@@ -155,23 +162,43 @@ def _record(ctx: DriverContext, block: nn.Module, mods: dict[str, nn.Module], ca
 
 
 def _solve_block(ctx: DriverContext, mods: dict[str, nn.Module], stats, i: int) -> list:
-    """Check every layer of the block, then solve and replace them one by one, freeing statistics as they go."""
-    q = ctx.quantizer
+    """Check every layer of the block, then solve and replace them one by one, freeing statistics as they go.
+
+    Under torchrun, layer k of the block is solved by rank k mod world; then every result is
+    broadcast in block order and every rank replaces every layer.
+    """
+    q, dist = ctx.quantizer, ctx.dist
     for name, mod in mods.items():  # checked before any layer of the block is replaced
         q.check(name, mod, stats[name] if name in stats else None)
-    finished: set[str] = set()
-    reports = []
-    for name, mod in mods.items():
-        result = q(name, mod, stats[name] if name in stats else None, ctx.output_error)
+    names = list(mods)
+    owner = {name: (k % dist.world if dist is not None else 0) for k, name in enumerate(names)}
+    mine = [n for n in names if dist is None or owner[n] == dist.rank]
+    if dist is not None:  # statistics no layer of this rank needs are dropped at once
+        for n in names:
+            if n not in mine:
+                stats.release(n, set(names) - set(mine))
+    finished: set[str] = set(n for n in names if n not in mine)
+    results = {}
+    for name in mine:
+        result = q(name, mods[name], stats[name] if name in stats else None, ctx.output_error)
         result.report.block = i
-        ctx.replace(name, ctx.sink(name, mod, result))
-        reports.append(result.report)
         finished.add(name)
         stats.release(name, finished)
-        del result
+        if dist is None:
+            ctx.replace(name, ctx.sink(name, mods[name], result))
+            ctx.report.layers.append(result.report)
+            del result
+        else:
+            results[name] = result
         trim_heap()  # per-layer temporaries are tens of MB: give them back before the next layer
-    ctx.report.layers.extend(reports)
-    return reports
+    if dist is not None:
+        from ..distributed import broadcast_result
+
+        for name in names:
+            result = broadcast_result(dist, results.pop(name, None), owner[name], name, mods[name], q)
+            ctx.replace(name, ctx.sink(name, mods[name], result))
+            ctx.report.layers.append(result.report)
+    return ctx.report.layers[-len(names):]
 
 
 def _offload(ctx: DriverContext, placer, i: int, block: nn.Module, prefix: str, names) -> None:
@@ -202,18 +229,24 @@ def _plan(ctx: DriverContext, block: nn.Module, prefix: str, names: dict[str, nn
 
 
 def _replay(ctx: DriverContext, writer, i: int, block: nn.Module, names: dict[str, nn.Module], calls, cache,
-            propagate: str) -> None:
+            propagate: str, device: torch.device) -> None:
     """A block finished by an interrupted run: put its saved layers in and recompute its outputs."""
-    stored = writer.stored_layers(i) if names else {}
+    if ctx.dist is not None:
+        from ..distributed import broadcast_stored_block
+
+        stored, reports = broadcast_stored_block(ctx.dist, writer, i, device) if names else ({}, [])
+    else:
+        stored = writer.stored_layers(i) if names else {}
+        reports = writer.stored_reports(i)
 
     def swap_in() -> None:
-        device = next(iter(block.parameters())).device
+        dev = next(iter(block.parameters())).device
         for name, new in stored.items():
-            ctx.replace(name, new.to(device))
+            ctx.replace(name, new.to(dev))
 
     if propagate == "quantized":
         swap_in()
     _propagate(block, calls, cache)
     if propagate == "fp":
         swap_in()
-    ctx.report.layers.extend(writer.stored_reports(i))
+    ctx.report.layers.extend(reports)

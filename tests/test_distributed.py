@@ -1,0 +1,96 @@
+"""torchrun with 2 gloo processes on the CPU gives the checkpoint one process gives (within solver tolerance)."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiny import TEXT, byte_tokenizer, tiny_llama
+
+pytest.importorskip("torch.distributed")
+if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+HERE = Path(__file__).resolve().parent
+ENV = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1"}
+
+
+def args(src, text, out):
+    return ["quantize", str(src), "--format", "mxint3", "--method", "qera-exact", "--rank", "4", "--pipeline",
+            "sequential", "--propagate", "quantized", "--calib-text", str(text), "--calib-samples", "8",
+            "--calib-seq-len", "32", "--calib-batch-size", "2", "--no-progress", "--out", str(out)]
+
+
+def torchrun(argv, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "qera", *argv]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def assert_same_checkpoint(a_dir, b_dir, rtol=1e-5):
+    a, b = load_file(str(a_dir / "model.safetensors")), load_file(str(b_dir / "model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(b[k].double(), a[k].double(), rtol=rtol, atol=rtol * float(a[k].abs().max()))
+        else:
+            assert torch.equal(a[k], b[k]), k  # the packed W̃ does not depend on the statistics
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    tiny_llama(layers=3).save_pretrained(d / "src")
+    byte_tokenizer().save_pretrained(d / "src")
+    (d / "t.txt").write_text(TEXT)
+    from qera.cli import main
+
+    assert main(args(d / "src", d / "t.txt", d / "one")) == 0
+    return d
+
+
+def test_two_gloo_processes_equal_one(setup):
+    d = setup
+    proc = torchrun(args(d / "src", d / "t.txt", d / "two"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("saved ") == 1  # rank 0 alone reports
+    assert "calibration_tokens" in (d / "two" / "qera_config.json").read_text()
+    assert_same_checkpoint(d / "one", d / "two")
+    import json
+
+    q1 = json.loads((d / "one" / "qera_config.json").read_text())["quality"]
+    q2 = json.loads((d / "two" / "qera_config.json").read_text())["quality"]
+    assert q1["calibration_tokens"] == q2["calibration_tokens"] == 8 * 32
+
+
+def test_two_processes_resume_a_killed_run(setup, tmp_path):
+    """A one-process run killed after block 1 is finished by two processes (rank 0 broadcasts the saved layers)."""
+    d = setup
+    shutil.copytree(d / "src", tmp_path / "src")
+    script = tmp_path / "kill.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from qera.checkpoint import writer as w\n"
+        "orig = w.CheckpointWriter.add_block\n"
+        "def add_block(self, i, *a, **k):\n"
+        "    if i == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return orig(self, i, *a, **k)\n"
+        "w.CheckpointWriter.add_block = add_block\n"
+        "from qera.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "q"
+    proc = subprocess.run([sys.executable, str(script), *args(tmp_path / "src", d / "t.txt", out)], env=ENV,
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL
+    proc = torchrun([*args(tmp_path / "src", d / "t.txt", out), "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_checkpoint(d / "one", out)
+    assert not (tmp_path / ".q.partial").exists()
