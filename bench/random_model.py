@@ -94,6 +94,47 @@ def write_random_llama(out: str | Path, hidden: int, inter: int, layers: int, he
     return out
 
 
+def write_random_model(out: str | Path, config, seed: int = 0, shard_bytes: int = 2 * 10**9) -> Path:
+    """Any Hugging Face architecture from ``config`` with random bf16 weights (N(0, 0.02²); 1-D tensors:
+    norms 1, biases 0), written tensor by tensor as safetensors shards + index, config and tokenizer."""
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from qera.streaming import empty_model
+    from tiny import byte_tokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.dtype = "bfloat16"
+    model = empty_model(config, torch.bfloat16)
+    gen = torch.Generator().manual_seed(seed)
+    shard: dict[str, torch.Tensor] = {}
+    size, files, total = 0, [], 0
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            t = (torch.ones if "norm" in name else torch.zeros)(p.shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(p.shape, generator=gen) * 0.02).to(torch.bfloat16)
+        if size + t.numel() * 2 > shard_bytes and shard:
+            files.append(shard)
+            shard, size = {}, 0
+        shard[name] = t
+        size += t.numel() * 2
+        total += t.numel() * 2
+    files.append(shard)
+    weight_map = {}
+    for i, part in enumerate(files, start=1):
+        name = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        save_file(part, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}, indent=1))
+    config.save_pretrained(out)
+    byte_tokenizer().save_pretrained(out)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")

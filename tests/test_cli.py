@@ -62,3 +62,39 @@ def test_user_errors_are_one_line(tmp_path, capsys, model_dir, text_file, argv, 
     lines = [l for l in err.strip().splitlines() if l.startswith("qera")]
     assert len(lines) == 1 and needle in lines[0], err
     assert "Traceback" not in err
+
+
+def test_calibrate_over_budget_streams_the_same_statistics(tmp_path, capsys, model_dir, text_file):
+    """Over --max-memory, statistics are recorded block by block straight into the file: same values."""
+    import torch
+
+    from qera.statistics import CalibrationStats
+
+    common = ["calibrate", model_dir, "--calib-text", text_file, "--calib-samples", 8, "--calib-seq-len", 32,
+              "--no-progress"]
+    assert run(capsys, *common, "--out", tmp_path / "mem.safetensors")[0] == 0
+    code, out, err = run(capsys, *common, "--out", tmp_path / "disk.safetensors", "--max-memory", "1000")
+    assert code == 0, err
+    assert "recorded block by block" in err
+    a = CalibrationStats.load(tmp_path / "mem.safetensors")
+    b = CalibrationStats.load(tmp_path / "disk.safetensors", lazy=True)
+    assert a.groups == b.groups and a.tokens == b.tokens == 256
+    for key, st in a.stats.items():
+        for kind, t in st.sums.items():
+            assert torch.equal(b.stats[key].sums[kind], t)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.safetensors", "mem.safetensors"]
+
+
+def test_compare_over_budget_gives_the_same_table(tmp_path, capsys, model_dir, text_file):
+    common = ["compare", model_dir, "--methods", "w-only,qera-exact", "--settings", "mxint3@4", "--calib-text", text_file,
+              "--eval-text", text_file, "--calib-samples", 4, "--calib-seq-len", 32, "--seq-len", 64, "--max-windows", 2,
+              "--json", "--no-progress"]
+    code, out, err = run(capsys, *common)
+    assert code == 0, err
+    code2, out2, err2 = run(capsys, *common, "--max-memory", "1000", "--offload-dir", tmp_path)
+    assert code2 == 0, err2
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "solve_seconds"} for r in rows]
+
+    assert strip(json.loads(out)["rows"]) == strip(json.loads(out2)["rows"])
+    assert list(tmp_path.iterdir()) == []  # the temporary statistics file is gone

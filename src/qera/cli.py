@@ -69,6 +69,14 @@ def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
     g.add_argument("--stats", help="statistics file from 'qera calibrate' (skips calibration)")
 
 
+def _add_memory(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("memory")
+    g.add_argument("--max-memory", default=None,
+                   help="memory budget, e.g. 8GiB (default: $QERA_MAX_MEMORY or 60%% of free RAM); statistics beyond it "
+                        "are recorded block by block to disk and read one layer at a time")
+    g.add_argument("--offload-dir", default=None, help="folder for statistics and activations beyond the budget")
+
+
 def _add_eval(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-text", help="plain-text file for perplexity (default: built-in text)")
@@ -152,15 +160,36 @@ def _config(args, fmt: str, method: str, rank: int):
     return QuantConfig(**kw)
 
 
-def _stats(args, model, tokenizer, kinds, targets):
-    from .calibration import CalibrationStats, collect_statistics
+def _budget(args) -> int:
+    """``--max-memory``, else ``$QERA_MAX_MEMORY``, else 60% of the RAM available now."""
+    from .memory import default_budget, parse_size
+
+    return parse_size(getattr(args, "max_memory", None), "--max-memory") or default_budget()
+
+
+def _stats_budget(args, model) -> int:
+    """What the statistics may take: the memory budget less the model already in memory."""
+    from .drivers.oneshot import resident_bytes
+
+    return max(0, _budget(args) - resident_bytes(model))
+
+
+def _stats(args, model, tokenizer, kinds, targets, path=None, extra=None):
+    """``(statistics, temporary file or None)``: from ``--stats`` (read lazily when over the budget), or
+    collected — in memory within the budget, else block by block into ``path`` or a temporary file."""
+    from .statistics import CalibrationStats
+    from .stats_store import collect_statistics_within
 
     if args.stats:
-        return CalibrationStats.load(args.stats)
+        lazy = Path(args.stats).is_file() and Path(args.stats).stat().st_size > _stats_budget(args, model)
+        return CalibrationStats.load(args.stats, lazy=lazy), None
     if not kinds:
-        return None
-    return collect_statistics(model, _calibration_batches(args, tokenizer), list(targets), kinds, progress=not args.no_progress,
-                              precision=getattr(args, "stats_precision", "mixed"))
+        return None, None
+    return collect_statistics_within(
+        model, _calibration_batches(args, tokenizer), targets, kinds, _stats_budget(args, model), path=path,
+        workdir=getattr(args, "offload_dir", None), precision=getattr(args, "stats_precision", "mixed"),
+        progress=not args.no_progress, extra=extra,
+    )
 
 
 def _eval(args, model, tokenizer):
@@ -207,7 +236,7 @@ def cmd_quantize(args) -> int:
     if args.stats:
         from .statistics import CalibrationStats
 
-        stats = CalibrationStats.load(args.stats)
+        stats = CalibrationStats.load(args.stats, lazy=True)  # read one layer at a time
     calibration = None
     from .pipeline import stats_kinds_for
 
@@ -240,18 +269,22 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibration import collect_statistics, find_targets
+    from .calibration import find_targets
 
     out = _output_dir(args)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     model, tok = _load(args)
     targets = find_targets(model, args.include, args.exclude)
-    stats = collect_statistics(model, _calibration_batches(args, tok), list(targets), kinds, progress=not args.no_progress,
-                               precision=args.stats_precision)
-    stats.extra.update({"model": args.model, "samples": args.calib_samples, "seq_len": args.calib_seq_len, "seed": args.seed})
-    stats.save(out)
-    _emit(args, {"out": str(out), "inputs": len(stats.stats), "layers": len(stats.groups), "tokens": stats.tokens},
-          f"saved {out}: {len(stats.stats)} distinct inputs for {len(stats.groups)} layers, {stats.tokens} tokens")
+    args.stats = None
+    meta = {"model": args.model, "samples": str(args.calib_samples), "seq_len": str(args.calib_seq_len),
+            "seed": str(args.seed)}
+    stats, _ = _stats(args, model, tok, frozenset(kinds), targets, path=out, extra=meta)
+    if not stats.lazy:  # within the budget: in memory, saved now (a lazy result was written block by block)
+        stats.extra.update(meta)
+        stats.save(out)
+    n_inputs = len(stats.stats)
+    _emit(args, {"out": str(out), "inputs": n_inputs, "layers": len(stats.groups), "tokens": stats.tokens},
+          f"saved {out}: {n_inputs} distinct inputs for {len(stats.groups)} layers, {stats.tokens} tokens")
     return 0
 
 
@@ -286,11 +319,20 @@ def cmd_compare(args) -> int:
     model, tok = _load(args)
     kinds = frozenset().union(*(stats_kinds_for(c, True) for _, _, c in configs))
     targets = find_targets(model, configs[0][2].include, configs[0][2].exclude)
-    stats = _stats(args, model, tok, kinds, targets)
+    stats, temp = _stats(args, model, tok, kinds, targets)
+    try:
+        return _compare(args, model, tok, configs, targets, stats)
+    finally:
+        if temp is not None:
+            temp.unlink(missing_ok=True)
+
+
+def _compare(args, model, tok, configs, targets, stats) -> int:
     rows = []
     base = _eval(args, model, tok)
     rows.append({"method": "fp", "format": "-", "rank": 0, "perplexity": base.perplexity,
                  "bits_weight": 16.0, "bits_total": 16.0, "mean_output_error_ratio": None, "solve_seconds": 0.0})
+    from .memory import trim_heap
     from .pipeline import quantize_model
     from .targets import replace_module
 
@@ -304,6 +346,7 @@ def cmd_compare(args) -> int:
         finally:  # the fp layers go back: one model, at most one quantized copy of each layer
             for name, mod in originals.items():
                 replace_module(model, name, mod)
+            trim_heap()
         s = report.summary()
         rows.append({"method": method, "format": config.format, "rank": config.rank, "perplexity": r.perplexity,
                      "bits_weight": s["bits_weight"], "bits_total": s["bits_total"],
@@ -490,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="collect calibration statistics once, for reuse with --stats")
     _add_model(p); _add_calibration(p); common(p)
     p.add_argument("--kinds", default="abs,sq,xtx", help="statistics to keep: abs (lqer), sq (qera-approx), xtx (qera-exact)")
+    _add_memory(p)
     p.add_argument("--include", action="append"); p.add_argument("--exclude", action="append")
     p.add_argument("--out", required=True); p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_calibrate)
@@ -497,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="calibrate once; perplexity of full precision and each method")
     _add_model(p); _add_quant(p, multi=True); _add_calibration(p); _add_eval(p); common(p)
     p.add_argument("--out-json", help="also write the table as JSON here")
+    _add_memory(p)
     p.set_defaults(func=cmd_compare)
 
     from .peft import INITS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -12,6 +13,8 @@ from tqdm.auto import tqdm
 
 from .data import tokenize
 from .errors import QeraError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +45,70 @@ def _adds_bos(tokenizer) -> bool:
 def context_length(model) -> int | None:
     cfg = getattr(model, "config", None)
     return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+
+LOGIT_ELEMS = 1 << 24  # logits formed at a time (64 MB in float32): 110 positions of a 152k vocabulary
+
+# Output processing some causal LMs apply to the LM head's output (config attribute → function).
+LOGIT_POSTPROCESS = {
+    "final_logit_softcapping": lambda x, v: torch.tanh(x / v) * v,  # Gemma-2/3
+    "logit_scale": lambda x, v: x * v,  # Cohere
+    "logits_scaling": lambda x, v: x / v,  # Granite
+}
+
+
+class ChunkedHead:
+    """Token NLL from the decoder's hidden states with the LM head applied a few positions at a time.
+
+    A window then never holds its full ``(seq, vocab)`` float32 logits and their log-softmax (1.2 GB
+    each for 2048 positions of a 152k vocabulary). :meth:`for_model` checks the chunked logits
+    against the model's own forward on a few positions and returns None (use the full logits) when
+    they differ, so a model with unknown output processing is never evaluated wrongly.
+    """
+
+    def __init__(self, model, decoder, head, post) -> None:
+        self.model, self.decoder, self.head, self.post = model, decoder, head, post
+        self.rows = max(1, LOGIT_ELEMS // head.weight.shape[0])
+
+    @classmethod
+    def for_model(cls, model, probe: torch.Tensor) -> "ChunkedHead | None":
+        get_dec, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+        decoder = get_dec() if callable(get_dec) else None
+        head = get_head() if callable(get_head) else None
+        if decoder is None or decoder is model or head is None or getattr(head, "weight", None) is None:
+            return None
+        cfg = getattr(model, "config", None)
+        post = [(fn, getattr(cfg, key)) for key, fn in LOGIT_POSTPROCESS.items() if getattr(cfg, key, None)]
+        ch = cls(model, decoder, head, post)
+        ids = probe[:, : min(probe.shape[1], 16)]
+        want = model(input_ids=ids, use_cache=False).logits.float()
+        got = torch.cat(list(ch.logits(ids)), dim=1)
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
+            log.info("chunked LM head does not reproduce %s's logits; evaluating with full logits", type(model).__name__)
+            return None
+        return ch
+
+    def logits(self, ids: torch.Tensor):
+        """Float32 logits of ``ids`` for every position, in chunks of :attr:`rows` positions."""
+        hidden = self.decoder(input_ids=ids, use_cache=False).last_hidden_state
+        for s in range(0, hidden.shape[1], self.rows):
+            x = self.head(hidden[:, s:s + self.rows]).float()
+            for fn, v in self.post:
+                x = fn(x, v)
+            yield x
+
+    def nll_sum(self, ids: torch.Tensor) -> float:
+        """Summed next-token NLL of ``ids`` (positions 1..T-1), chunk by chunk."""
+        hidden = self.decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+        labels = ids[:, 1:]
+        total = 0.0
+        for s in range(0, hidden.shape[1], self.rows):
+            x = self.head(hidden[:, s:s + self.rows]).float()
+            for fn, v in self.post:
+                x = fn(x, v)
+            total += float(F.cross_entropy(x.reshape(-1, x.shape[-1]), labels[:, s:s + self.rows].reshape(-1),
+                                           reduction="sum"))
+        return total
 
 
 @torch.no_grad()
@@ -82,12 +149,15 @@ def perplexity(
     total, count = 0.0, 0
     t0 = time.perf_counter()
     try:
+        head = ChunkedHead.for_model(model, windows[:1].to(device))
         for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="win", disable=not progress):
             batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
             labels = batch[:, 1:]
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
-            total += float(nll)
+            if head is not None:
+                total += head.nll_sum(batch)
+            else:
+                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+                total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"))
             count += labels.numel()
     finally:
         model.train(was_training)

@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping, MutableMapping
 
 import torch
 
@@ -212,6 +212,72 @@ class ActivationStats:
         return ActivationStats(self.dim, self.kinds, self.name, self.count, {k: v.to(device) for k, v in self.sums.items()})
 
 
+class LazyStats(MutableMapping):
+    """Statistics kept in a safetensors file, read and checked one input at a time.
+
+    ``meta`` (from the file's header) answers what is there without reading any tensor; an entry
+    is loaded on first access and held until it is popped (released), so a solve loop over a
+    model whose statistics exceed memory holds one input's statistics at a time.
+    """
+
+    def __init__(self, path: Path, meta: Mapping[str, Mapping], device: str | torch.device = "cpu") -> None:
+        self.path, self.meta, self.device = Path(path), {k: dict(v) for k, v in meta.items()}, device
+        self._cache: dict[str, ActivationStats] = {}
+        self._gone: set[str] = set()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.meta and key not in self._gone
+
+    def __getitem__(self, key: str) -> ActivationStats:
+        if key in self._cache:
+            return self._cache[key]
+        if key not in self:
+            raise KeyError(key)
+        from safetensors import safe_open
+
+        m = self.meta[key]
+        st = ActivationStats(int(m["dim"]), frozenset(m["kinds"]), key, int(m["count"]))
+        with safe_open(str(self.path), framework="pt", device=str(self.device)) as f:
+            names = set(f.keys())
+            for kind in st.kinds:
+                if f"{key}::{kind}" in names:
+                    st.sums[kind] = f.get_tensor(f"{key}::{kind}")
+        self._cache[key] = st.validate(str(self.path))
+        return st
+
+    def __setitem__(self, key: str, value: ActivationStats) -> None:
+        self._cache[key] = value
+        self.meta[key] = {"dim": value.dim, "kinds": sorted(value.kinds), "count": value.count}
+        self._gone.discard(key)
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._cache.pop(key, None)
+        self._gone.add(key)
+
+    def pop(self, key, default=None):  # never reads a tensor just to drop it
+        if key not in self:
+            return default
+        value = self._cache.pop(key, None)
+        self._gone.add(key)
+        return value
+
+    def evict(self, key: str) -> None:
+        """Drop the loaded copy (the file keeps the data: a later access reads it again)."""
+        self._cache.pop(key, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in self.meta if k not in self._gone)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    @property
+    def loaded_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for st in self._cache.values() for t in st.sums.values())
+
+
 @dataclass
 class CalibrationStats:
     """Statistics per distinct layer input; ``groups`` maps every layer name to its input's key.
@@ -219,9 +285,19 @@ class CalibrationStats:
     Layers fed the same tensor (q/k/v, gate/up) share one :class:`ActivationStats`.
     """
 
-    stats: dict[str, ActivationStats]
+    stats: MutableMapping[str, ActivationStats]
     groups: dict[str, str]
     extra: dict = field(default_factory=dict)
+
+    @property
+    def lazy(self) -> bool:
+        """Whether the statistics live in a file and are read one input at a time."""
+        return isinstance(self.stats, LazyStats)
+
+    def _meta(self) -> list[Mapping]:
+        if isinstance(self.stats, LazyStats):
+            return [self.stats.meta[k] for k in self.stats]
+        return [{"dim": s.dim, "kinds": s.kinds, "count": s.count} for s in self.stats.values()]
 
     def __getitem__(self, layer: str) -> ActivationStats:
         try:
@@ -232,23 +308,36 @@ class CalibrationStats:
     def __contains__(self, layer: str) -> bool:
         return layer in self.groups and self.groups[layer] in self.stats
 
+    def info(self, layer: str) -> ActivationStats:
+        """The layer's statistics without reading tensors from a lazy file (dim, kinds, count; for checks)."""
+        key = self.groups.get(layer)
+        if isinstance(self.stats, LazyStats) and key in self.stats:
+            m = self.stats.meta[key]
+            return ActivationStats(int(m["dim"]), frozenset(m["kinds"]), key, int(m["count"]))
+        return self[layer]
+
     @property
     def kinds(self) -> frozenset[str]:
-        return frozenset.intersection(*(s.kinds for s in self.stats.values())) if self.stats else frozenset()
+        metas = self._meta()
+        return frozenset.intersection(*(frozenset(m["kinds"]) for m in metas)) if metas else frozenset()
 
     @property
     def tokens(self) -> int:
-        return max((s.count for s in self.stats.values()), default=0)
+        return max((int(m["count"]) for m in self._meta()), default=0)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in self.stats.values() for t in s.sums.values())
+        """Bytes the statistics take when all are in memory (float64 sums)."""
+        return stats_bytes_of(self._meta())
 
     def release(self, layer: str, done: set[str]) -> None:
         """Free a statistic once every layer sharing it is in ``done``."""
         key = self.groups.get(layer)
         if key is not None and all(l in done for l, k in self.groups.items() if k == key):
-            self.stats.pop(key, None)
+            if isinstance(self.stats, LazyStats):
+                self.stats.evict(key)  # memory freed, the file keeps it (statistics reused across settings)
+            else:
+                self.stats.pop(key, None)
 
     def update(self, other: "CalibrationStats") -> "CalibrationStats":
         """Add the layers of ``other`` (e.g. one block's statistics) to this collection."""
@@ -257,11 +346,19 @@ class CalibrationStats:
         return self
 
     def save(self, path: str | os.PathLike) -> None:
-        save_stats(self.stats, path, extra={**self.extra, "groups": json.dumps(self.groups)})
+        if isinstance(self.stats, LazyStats) and not self.stats._gone and not self.stats._cache:
+            import shutil
+
+            from .atomic import write_file
+
+            write_file(path, lambda tmp: shutil.copyfile(self.stats.path, tmp))  # already a file: copy it
+            return
+        save_stats(dict(self.stats.items()), path, extra={**self.extra, "groups": json.dumps(self.groups)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "CalibrationStats":
-        stats = load_stats(path, device)
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", lazy: bool = False) -> "CalibrationStats":
+        """Read a statistics file; ``lazy`` reads only its header now and each input when first used."""
+        stats = lazy_stats(path, device) if lazy else load_stats(path, device)
         extra = load_stats_extra(path)
         try:
             groups = json.loads(extra.pop("groups", "{}")) or {k: k for k in stats}
@@ -333,6 +430,44 @@ def load_stats(path: str | os.PathLike, device: str | torch.device = "cpu") -> d
     except (OSError, SafetensorError) as exc:
         raise QeraError(f"{path} is not a readable statistics file ({type(exc).__name__}: {exc})") from None
     return out
+
+
+def stats_bytes_of(metas: Iterable[Mapping]) -> int:
+    """float64 bytes of statistics described by header entries (``dim``, ``kinds``)."""
+    total = 0
+    for m in metas:
+        d, kinds = int(m["dim"]), set(m["kinds"])
+        total += 8 * (d * d if "xtx" in kinds else 0) + 8 * d * len(kinds & {"abs", "sq"})
+    return total
+
+
+def lazy_stats(path: str | os.PathLike, device: str | torch.device = "cpu") -> LazyStats:
+    """A :class:`LazyStats` over ``path``: the header and every tensor's shape are checked now, data later."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    header = _read_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise QeraError(f"{path} is not a readable statistics file ({type(exc).__name__}: {exc})") from None
+    for key, m in header["layers"].items():
+        try:
+            d, kinds, count = int(m["dim"]), list(m["kinds"]), int(m["count"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QeraError(f"{path}: bad header entry for {key} ({type(exc).__name__}: {exc})") from None
+        _check_kinds(kinds)
+        for kind in kinds:
+            name = f"{key}::{kind}"
+            want = (d, d) if kind == "xtx" else (d,)
+            if name not in shapes:
+                if count == 0:
+                    continue
+                raise QeraError(f"{path}: tensor {name} is missing")
+            if shapes[name] != want:
+                raise QeraError(f"{path}: statistic {kind!r} has shape {shapes[name]}, expected {want} (layer {key})")
+    return LazyStats(path, header["layers"], device)
 
 
 def load_stats_extra(path: str | os.PathLike) -> dict:

@@ -93,7 +93,8 @@ def _read_st_header(path: Path) -> tuple[int, dict]:
         return 8 + n, json.loads(f.read(n))
 
 
-def merge_safetensors(parts: list[Path], out: Path, chunk: int = 64 * 2**20) -> None:
+def merge_safetensors(parts: list[Path], out: Path, chunk: int = 64 * 2**20,
+                      metadata: Mapping[str, str] | None = None) -> None:
     """Concatenate safetensors files into one, copying raw bytes in chunks (memory: one chunk).
 
     Tensors are laid out in name order; the header is padded with spaces to a multiple of 8.
@@ -107,7 +108,7 @@ def merge_safetensors(parts: list[Path], out: Path, chunk: int = 64 * 2**20) -> 
     entries.sort(key=lambda e: e[0])
     if len({e[0] for e in entries}) != len(entries):
         raise QeraError("two parts of the checkpoint hold a tensor of the same name")
-    table: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    table: dict[str, Any] = {"__metadata__": dict(metadata) if metadata is not None else {"format": "pt"}}
     offset = 0
     for name, _, _, info in entries:
         size = info["data_offsets"][1] - info["data_offsets"][0]

@@ -7,7 +7,8 @@ import time
 
 from tqdm.auto import tqdm
 
-from ..calibration import collect_statistics
+from ..memory import trim_heap
+from ..stats_store import collect_statistics_within
 from ..errors import QeraError
 from . import DRIVERS
 from .base import DriverContext
@@ -18,15 +19,34 @@ log = logging.getLogger(__name__)
 @DRIVERS.register("oneshot")
 def run_oneshot(ctx: DriverContext) -> None:
     """Calibrate the whole model at once (unless statistics are given), then solve layer by layer."""
-    stats, own = ctx.stats, False
-    if ctx.kinds and stats is None:
-        if ctx.calibration is None:
-            raise QeraError(f"method {ctx.quantizer.config.method!r} needs calibration data or precomputed statistics")
-        t0 = time.perf_counter()
-        stats = collect_statistics(ctx.model, ctx.calibration, list(ctx.targets), ctx.kinds, progress=ctx.progress,
-                                   precision=ctx.quantizer.config.stats_precision)
-        ctx.report.calibration_seconds = time.perf_counter() - t0
-        own = True
+    stats, own, temp = ctx.stats, False, None
+    try:
+        if ctx.kinds and stats is None:
+            if ctx.calibration is None:
+                raise QeraError(f"method {ctx.quantizer.config.method!r} needs calibration data or precomputed statistics")
+            t0 = time.perf_counter()
+            budget = None if ctx.max_memory is None else max(0, ctx.max_memory - resident_bytes(ctx.model))
+            stats, temp = collect_statistics_within(
+                ctx.model, ctx.calibration, ctx.targets, ctx.kinds, budget, workdir=ctx.offload_dir,
+                precision=ctx.quantizer.config.stats_precision, progress=ctx.progress,
+            )
+            ctx.report.calibration_seconds = time.perf_counter() - t0
+            own = True
+            if stats.lazy:
+                ctx.report.notes.append("statistics over the memory budget: recorded block by block to disk, "
+                                        "read one layer at a time")
+        _solve_all(ctx, stats, own)
+    finally:
+        if temp is not None:
+            temp.unlink(missing_ok=True)
+
+
+def resident_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers that are really in memory (not on the meta device)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta")
+
+
+def _solve_all(ctx: DriverContext, stats, own: bool) -> None:
     if stats is not None:
         ctx.report.calibration_tokens = stats.tokens
 
@@ -34,7 +54,7 @@ def run_oneshot(ctx: DriverContext) -> None:
         return stats[name] if stats is not None and name in stats else None
 
     for name, module in ctx.targets.items():  # everything checkable is checked before any replacement
-        ctx.quantizer.check(name, module, layer_stats(name))
+        ctx.quantizer.check(name, module, stats.info(name) if stats is not None and name in stats else None)
     done: set[str] = set()
     t0 = time.perf_counter()
     q = ctx.quantizer
@@ -44,6 +64,7 @@ def run_oneshot(ctx: DriverContext) -> None:
         ctx.replace(name, ctx.sink(name, module, result))
         ctx.report.layers.append(result.report)
         done.add(name)
-        if own:
-            stats.release(name, done)  # statistics we collected ourselves: free them as we go
+        if stats is not None and (own or stats.lazy):
+            stats.release(name, done)  # free them as we go (a lazy file keeps them for the next run)
+            trim_heap()
     ctx.report.solve_seconds = time.perf_counter() - t0

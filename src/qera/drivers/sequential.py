@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,10 +34,10 @@ log = logging.getLogger(__name__)
 plan_log = logging.getLogger("qera.plan")
 
 
-def _split_by_block(ctx: DriverContext, blocks_name: str) -> dict[int, dict[str, nn.Module]]:
+def _split_by_block(targets: dict[str, nn.Module], blocks_name: str) -> dict[int, dict[str, nn.Module]]:
     by_block: dict[int, dict[str, nn.Module]] = defaultdict(dict)
     outside = []
-    for name, mod in ctx.targets.items():
+    for name, mod in targets.items():
         i = block_index(name, blocks_name)
         if i is None:
             outside.append(name)
@@ -63,35 +64,15 @@ def run_sequential(ctx: DriverContext) -> None:
             raise QeraError("the sequential pipeline needs calibration batches (it records statistics per block)")
     if ctx.stats is not None:
         log.info("sequential pipeline: the given statistics are not used; they are recorded block by block")
-    model = ctx.model
-    blocks_name, blocks = find_blocks(model, list(ctx.targets))
-    by_block = _split_by_block(ctx, blocks_name)
-    runner = runner_for(model, ctx.targets)
-    input_device = model_device(model)
-    device = torch.device(ctx.device) if ctx.device is not None else input_device
-    placer = ctx.placer if ctx.placer is not None else Placer(device)
     propagate = ctx.quantizer.config.propagate
-    writer = ctx.writer
-    q = ctx.quantizer
-    batches = list(ctx.calibration or [])
-    if not batches:
-        raise QeraError("no calibration batches")
-    dist = ctx.dist
-    if dist is not None:
-        batches = dist.shard(batches)  # every world-th batch: statistics are summed across ranks
+    writer, q, dist = ctx.writer, ctx.quantizer, ctx.dist
     t_cal = time.perf_counter()
-    prefix0 = f"{blocks_name}.0."
-    placer.onload(0, blocks[0], prefix0)
-    tuple_out = block_output_is_tuple(runner, blocks, batches[0], input_device, device)
-    probe = capture_probe(runner, blocks, batches[0], input_device, device, tuple_out)
-    plan = _plan(ctx, blocks[0], prefix0, by_block.get(0, {}), probe, batches, device)
-    plan_log.info("%s", plan.describe())
-    ctx.report.notes.append(plan.describe())
-    captured = capture_block_inputs(runner, blocks, batches, input_device, device, tuple_out, plan.activations, probe,
-                                    offload_dir=ctx.offload_dir)
-    ctx.report.notes.extend(captured.notes)
-    ctx.report.calibration_tokens = captured.tokens if dist is None else dist.sum_int(captured.tokens)
-    cache = captured.cache
+    walk = BlockWalk.prepare(ctx.model, ctx.targets, list(ctx.calibration or []), ctx.kinds, ctx.device, ctx.placer,
+                             ctx.max_memory, ctx.gpu_memory, ctx.offload_dir, dist)
+    ctx.report.notes.extend(walk.notes)
+    ctx.report.calibration_tokens = walk.tokens
+    blocks, blocks_name, by_block, placer, captured = walk.blocks, walk.blocks_name, walk.by_block, walk.placer, walk.captured
+    device, cache = walk.device, walk.captured.cache
     done = writer.done_blocks if writer is not None else 0
     if dist is not None:
         done = dist.broadcast_json(done, 0)
@@ -116,7 +97,8 @@ def run_sequential(ctx: DriverContext) -> None:
                     writer.add_block(i, prefix, block, [])
             else:
                 mods = _block_modules(block, prefix, names)
-                stats = _record(ctx, block, mods, calls, cache, captured, i, propagate == "fp")
+                stats = _record(block, mods, calls, cache, captured, i, ctx.kinds, q.config.stats_precision,
+                                keep_outputs=propagate == "fp")
                 if dist is not None:
                     dist.all_reduce_stats(stats)
                 ctx.report.calibration_seconds += time.perf_counter() - t0
@@ -144,14 +126,13 @@ def _propagate(block: nn.Module, calls, cache) -> None:
             cache.put(b, call(block, cache.get(b)))
 
 
-def _record(ctx: DriverContext, block: nn.Module, mods: dict[str, nn.Module], calls, cache, captured, i: int,
+def _record(block: nn.Module, mods: dict[str, nn.Module], calls, cache, captured, i: int, kinds, precision: str,
             keep_outputs: bool):
     """Run the cached inputs through the block with statistics recorded; with ``keep_outputs`` the
     outputs replace the inputs (``propagate="fp"``: no second forward). Returns the statistics."""
     probe_call = captured.probe_calls[i]
     groups = probe_shared_inputs(mods, lambda: probe_call(block, captured.probe_hidden))
-    precision = ctx.quantizer.config.stats_precision
-    with record_statistics(mods, ctx.kinds, groups, precision=precision) as rec, torch.no_grad():
+    with record_statistics(mods, kinds, groups, precision=precision) as rec, torch.no_grad():
         for b, call in enumerate(calls):
             rec.mask = captured.masks[b]
             out = call(block, cache.get(b))
@@ -210,22 +191,63 @@ def _offload(ctx: DriverContext, placer, i: int, block: nn.Module, prefix: str, 
     trim_heap()
 
 
-def _plan(ctx: DriverContext, block: nn.Module, prefix: str, names: dict[str, nn.Module], probe, batches,
-          device: torch.device) -> Plan:
+@dataclass
+class BlockWalk:
+    """What walking a model block by block needs, set up once: the blocks, the targets of each, the
+    placer, the plan and the captured block inputs (shared by quantization and streamed calibration)."""
+
+    blocks_name: str
+    blocks: nn.ModuleList
+    by_block: dict[int, dict[str, nn.Module]]
+    placer: Placer
+    device: torch.device
+    plan: Plan
+    captured: object
+    tokens: int
+    notes: list[str]
+
+    @classmethod
+    def prepare(cls, model: nn.Module, targets: dict[str, nn.Module], batches: list, kinds, device, placer,
+                max_memory: int | None, gpu_memory: int | None, offload_dir, dist=None) -> "BlockWalk":
+        if not batches:
+            raise QeraError("no calibration batches")
+        if dist is not None:
+            batches = dist.shard(batches)  # every world-th batch: statistics are summed across ranks
+        blocks_name, blocks = find_blocks(model, list(targets))
+        by_block = _split_by_block(targets, blocks_name)
+        runner = runner_for(model, targets)
+        input_device = model_device(model)
+        device = torch.device(device) if device is not None else input_device
+        placer = placer if placer is not None else Placer(device)
+        prefix0 = f"{blocks_name}.0."
+        placer.onload(0, blocks[0], prefix0)
+        tuple_out = block_output_is_tuple(runner, blocks, batches[0], input_device, device)
+        probe = capture_probe(runner, blocks, batches[0], input_device, device, tuple_out)
+        plan = _plan(blocks[0], prefix0, by_block.get(0, {}), probe, batches, device, kinds, gpu_memory, max_memory)
+        plan_log.info("%s", plan.describe())
+        captured = capture_block_inputs(runner, blocks, batches, input_device, device, tuple_out, plan.activations,
+                                        probe, offload_dir=offload_dir)
+        tokens = captured.tokens if dist is None else dist.sum_int(captured.tokens)
+        return cls(blocks_name, blocks, by_block, placer, device, plan, captured, tokens,
+                   [plan.describe(), *captured.notes])
+
+
+def _plan(block: nn.Module, prefix: str, names: dict[str, nn.Module], probe, batches, device: torch.device, kinds,
+          gpu_memory: int | None, max_memory: int | None) -> Plan:
     """Size one block's work (block 0 stands for all) and place the activations within the budgets."""
     probe_hidden, probe_calls = probe
     mods = _block_modules(block, prefix, names)
     groups = probe_shared_inputs(mods, lambda: probe_calls[0](block, probe_hidden)) if mods else {}
     widths = [linear_shape(mods[r])[1] for r in set(groups.values())]
-    stats = sum(8 * w * w if "xtx" in ctx.kinds else 8 * w * len(ctx.kinds) for w in widths)
+    stats = sum(8 * w * w if "xtx" in kinds else 8 * w * len(kinds) for w in widths)
     solve = max((4 * i * i + 28 * o * i for o, i in (linear_shape(m) for m in mods.values())), default=0)
     weights = sum(p.numel() * p.element_size() for p in block.parameters())
     needs = BlockNeeds(weights, stats, solve, activation_bytes(batches, probe_hidden.shape[-1], probe_hidden.dtype))
-    gpu_budget = ctx.gpu_memory
+    gpu_budget = gpu_memory
     if device.type == "cuda" and gpu_budget is None:
         free, _ = torch.cuda.mem_get_info(device)
         gpu_budget = int(0.9 * free)
-    return plan_placement(str(device), needs, gpu_budget, ctx.max_memory)
+    return plan_placement(str(device), needs, gpu_budget, max_memory)
 
 
 def _replay(ctx: DriverContext, writer, i: int, block: nn.Module, names: dict[str, nn.Module], calls, cache,
@@ -250,3 +272,45 @@ def _replay(ctx: DriverContext, writer, i: int, block: nn.Module, names: dict[st
     if propagate == "fp":
         swap_in()
     ctx.report.layers.extend(reports)
+
+
+def record_statistics_by_block(model: nn.Module, batches: list, targets: dict[str, nn.Module], kinds,
+                               path, *, precision: str = "mixed", progress: bool = True, device=None, placer=None,
+                               max_memory: int | None = None, offload_dir=None, extra: dict | None = None):
+    """Statistics of ``targets`` recorded one block at a time and written to ``path`` as each block finishes.
+
+    The values equal :func:`qera.collect_statistics` (each block runs on the original previous
+    block's outputs); at most one block's statistics are in memory. Returns the statistics, read
+    back lazily from ``path``.
+    """
+    from ..statistics import CalibrationStats
+    from ..stats_store import StatsFileWriter
+
+    kinds = frozenset(kinds)
+    walk = BlockWalk.prepare(model, dict(targets), list(batches), kinds, device, placer, max_memory, None,
+                             offload_dir)
+    writer = StatsFileWriter(path)
+    cache = walk.captured.cache
+    try:
+        for i in tqdm(range(len(walk.blocks)), desc="calibrating by block", unit="block", disable=not progress):
+            block, prefix = walk.blocks[i], f"{walk.blocks_name}.{i}."
+            if i > 0:
+                walk.placer.onload(i, block, prefix)
+            names = walk.by_block.get(i, {})
+            calls = [c[i] for c in walk.captured.calls]
+            if names:
+                mods = _block_modules(block, prefix, names)
+                stats = _record(block, mods, calls, cache, walk.captured, i, kinds, precision, keep_outputs=True)
+                writer.add(stats)
+                del stats
+            else:
+                _propagate(block, calls, cache)
+            walk.placer.offload(i, block, prefix)
+            trim_heap()
+        writer.finish({"kinds": ",".join(sorted(kinds)), "precision": precision, **(extra or {})})
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        cache.close()
+    return CalibrationStats.load(path, lazy=True)

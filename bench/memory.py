@@ -1,0 +1,178 @@
+"""Peak RSS of every command, per phase, next to a formula: a Qwen2-0.5B-shaped model and SmolLM2.
+
+Each command runs in a fresh process (the CLI's ``main``) with a sampling thread that records the
+peak RSS of each phase — load, calibrate, solve, evaluate, train — marked by wrapping the library
+functions that do them, plus the process's ``VmHWM``. The 0.5B model has the shape of the issue
+(hidden 896, intermediate 4864, 24 blocks, 14 heads / 2 KV heads, vocabulary 151,936, tied
+embeddings) with random bf16 weights, written once by ``bench/random_model.py``.
+
+    python bench/memory.py [--models qwen2-0.5b-shape,smollm2-135m] [--commands eval,calibrate,quantize,compare]
+        [--max-memory 6GB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("QERA_DATA", ROOT.parent / "shared" / "data"))
+
+CHILD = r"""
+import json, sys, threading, time, functools
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+stack, peaks = ["startup"], {}
+def sample():
+    while True:
+        peaks[stack[-1]] = max(peaks.get(stack[-1], 0.0), rss())
+        time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
+def phase(module, attr, name):
+    fn = getattr(module, attr)
+    @functools.wraps(fn)
+    def wrapped(*a, **k):
+        stack.append(name)
+        try:
+            return fn(*a, **k)
+        finally:
+            stack.pop()
+    setattr(module, attr, wrapped)
+import qera.models, qera.stats_store, qera.pipeline, qera.evaluation, qera.peft, qera.finetune, qera.analysis
+phase(qera.models, "load_model", "load")
+phase(qera.models, "load_encoder", "load")
+phase(qera.stats_store, "collect_statistics_within", "calibrate")
+phase(qera.pipeline, "quantize_model", "solve")
+phase(qera.pipeline, "quantize_and_save", "solve")
+phase(qera.peft, "prepare_qpeft_model", "solve")
+phase(qera.evaluation, "perplexity", "evaluate")
+phase(qera.finetune, "finetune_causal_lm", "train")
+phase(qera.analysis, "output_error_sweep", "sweep")
+from qera.cli import main
+t0 = time.perf_counter()
+code = main(sys.argv[1:])
+print("MEMJSON" + json.dumps({"code": code, "seconds": time.perf_counter() - t0, "peak_gib": hwm(),
+                              "phases": {k: round(v, 3) for k, v in peaks.items()}}))
+"""
+
+
+def commands(model: str, work: Path, max_memory: str | None) -> dict[str, list[str]]:
+    calib = ["--calib-text", str(DATA / "wikitext-2" / "wiki.valid.tokens"), "--calib-samples", "32",
+             "--calib-seq-len", "512"]
+    ev = ["--eval-text", str(DATA / "wikitext-2-raw" / "wiki.test.raw"), "--seq-len", "512", "--max-windows", "16"]
+    mem = ["--max-memory", max_memory] if max_memory else []
+    out = lambda name: ["--out", str(work / f"{Path(model).name}-{name}"), "--overwrite"]  # noqa: E731
+    return {
+        "eval": ["eval", model, *ev],
+        "calibrate": ["calibrate", model, *calib, *mem, *out("stats.safetensors")],
+        "quantize": ["quantize", model, "--format", "mxint3", "--method", "qera-exact", "--rank", "8", *calib, *mem,
+                     *out("q")],
+        "compare": ["compare", model, "--methods", "w-only,lqer,qera-approx,qera-exact", "--settings", "mxint3@8,mxint4@8",
+                    *calib, *ev, *mem],
+        "output-error": ["output-error", model, "--formats", "mxint3", "--inits", "qlora,qera-exact", "--ranks", "8",
+                         "--calib-text", str(DATA / "wikitext-2" / "wiki.valid.tokens"), "--calib-samples", "16",
+                         "--eval-samples", "4", *out("oe")],
+        "finetune": ["finetune", model, "--task", "clm", "--train", str(DATA / "wikitext-2" / "wiki.valid.tokens"),
+                     "--eval", str(DATA / "wikitext-2-raw" / "wiki.test.raw"), "--init", "qera-exact", "--rank", "8",
+                     "--seq-len", "256", "--max-train-samples", "8", "--max-eval-samples", "4", "--batch-size", "4",
+                     "--epochs", "1", "--calib-samples", "16", *out("ft")],
+    }
+
+
+def formula(model_dir: Path, command: str, stats_gib: float, lin_gib: float, model_gib: float, base: float) -> float:
+    """The README's formula for a command's peak (GiB)."""
+    logits = 2 * (1 << 24) * 4 / 2**30  # one chunk of float32 logits and its log-softmax
+    f = {
+        "eval": base + model_gib + logits,
+        "calibrate": base + model_gib + stats_gib,
+        "quantize": base + model_gib + stats_gib,
+        "compare": base + model_gib + stats_gib + lin_gib + logits,
+    }
+    return f.get(command, float("nan"))
+
+
+def sizes(model: str) -> tuple[float, float, float]:
+    """(model GiB in its dtype, linear-layer GiB, one-shot statistics GiB for abs+sq+xtx) from the config."""
+    import torch
+    from qera.models import load_model
+    from qera.streaming import empty_model
+    from qera.targets import find_targets, linear_shape
+    from transformers import AutoConfig
+
+    from qera.models import resolve_source, convert_gguf
+
+    where = resolve_source(model)
+    if isinstance(where, Path) and where.suffix == ".gguf":
+        where = convert_gguf(where)
+    cfg = AutoConfig.from_pretrained(where)
+    m = empty_model(cfg, getattr(cfg, "dtype", None) or torch.float32)
+    el = torch.empty(0, dtype=next(m.parameters()).dtype).element_size()
+    params = sum(p.numel() for p in m.parameters())
+    targets = find_targets(m)
+    lin = sum(linear_shape(t)[0] * linear_shape(t)[1] for t in targets.values())
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    stats = cfg.num_hidden_layers * 8 * (3 * h * h + i * i + 2 * (3 * h + i))
+    del load_model
+    return params * el / 2**30, lin * el / 2**30, stats / 2**30
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="qwen2-0.5b-shape,smollm2-135m")
+    ap.add_argument("--commands", default="eval,calibrate,quantize,compare,output-error,finetune")
+    ap.add_argument("--max-memory", default=None, help="passed to the commands that take it")
+    ap.add_argument("--work", default="bench_work/memory")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models.split(","):
+        model = name
+        if name == "qwen2-0.5b-shape":
+            from random_model import write_random_model
+            from transformers import Qwen2Config
+
+            model = str(work.parent / "qwen2-0.5b-shape")
+            if not (Path(model) / "config.json").is_file():
+                write_random_model(model, Qwen2Config(
+                    hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                    num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768))
+        model_gib, lin_gib, stats_gib = sizes(model)
+        for cmd in args.commands.split(","):
+            argv = commands(model, work, args.max_memory)[cmd]
+            out = subprocess.run([sys.executable, "-c", CHILD, *argv, "--no-progress"], capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+            line = [l for l in out.stdout.splitlines() if l.startswith("MEMJSON")]
+            if not line:
+                raise SystemExit(f"{name} {cmd} failed:\n{out.stderr[-3000:]}")
+            r = json.loads(line[-1][len("MEMJSON"):])
+            base = r["phases"].get("startup", 0.4)
+            r.update(model=name, command=cmd, formula_gib=formula(Path(model), cmd, stats_gib, lin_gib, model_gib, 0.4),
+                     model_gib=model_gib, stats_gib=stats_gib, max_memory=args.max_memory, base=base)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    print(f"# {machine()}")
+    print("| model | command | peak GiB | formula GiB | load | calibrate | solve | evaluate | train | wall s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ph = r["phases"]
+        cells = [f"{ph[k]:.2f}" if k in ph else "–" for k in ("load", "calibrate", "solve", "evaluate", "train")]
+        print(f"| {r['model']} | {r['command']} | {r['peak_gib']:.2f} | {r['formula_gib']:.2f} | " + " | ".join(cells)
+              + f" | {r['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
