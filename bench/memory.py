@@ -35,7 +35,7 @@ def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 2**20
-stack, peaks = ["startup"], {}
+stack, peaks = ["other"], {}
 def sample():
     while True:
         peaks[stack[-1]] = max(peaks.get(stack[-1], 0.0), rss())
@@ -119,6 +119,8 @@ def sizes(model: str) -> tuple[float, float, float]:
         where = convert_gguf(where)
     cfg = AutoConfig.from_pretrained(where)
     m = empty_model(cfg, getattr(cfg, "dtype", None) or torch.float32)
+    if getattr(cfg, "tie_word_embeddings", False):
+        m.tie_weights()
     el = torch.empty(0, dtype=next(m.parameters()).dtype).element_size()
     params = sum(p.numel() for p in m.parameters())
     targets = find_targets(m)
@@ -159,9 +161,8 @@ def main() -> None:
             if not line:
                 raise SystemExit(f"{name} {cmd} failed:\n{out.stderr[-3000:]}")
             r = json.loads(line[-1][len("MEMJSON"):])
-            base = r["phases"].get("startup", 0.4)
             r.update(model=name, command=cmd, formula_gib=formula(Path(model), cmd, stats_gib, lin_gib, model_gib, 0.4),
-                     model_gib=model_gib, stats_gib=stats_gib, max_memory=args.max_memory, base=base)
+                     model_gib=model_gib, stats_gib=stats_gib, max_memory=args.max_memory)
             rows.append(r)
             print(json.dumps(r), flush=True)
     print(f"# {machine()}")

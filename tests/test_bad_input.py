@@ -70,6 +70,8 @@ def broken(checkpoint, tmp_path, edit):
     (["calibrate", "{model}", "--out", "{file}/s.safetensors"], "is a file"),
     (["quantize", "{model}", "--out", "/proc/qera-test/q"], "cannot"),
     (["quantize", "{model}", "--device", "cuda", "--pipeline", "sequential", "--out", "{tmp}/q"], "cuda"),
+    (["eval", "{model}", "--max-memory", "1MB"], "over the memory budget of 976.6 KiB"),
+    (["compare", "{model}", "--max-memory", "1MB"], "model weights"),
 ])
 def test_arguments(tmp_path, capsys, model_dir, text_file, argv, needle):
     if "cuda" in argv and torch.cuda.is_available():

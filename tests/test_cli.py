@@ -73,7 +73,7 @@ def test_calibrate_over_budget_streams_the_same_statistics(tmp_path, capsys, mod
     common = ["calibrate", model_dir, "--calib-text", text_file, "--calib-samples", 8, "--calib-seq-len", 32,
               "--no-progress"]
     assert run(capsys, *common, "--out", tmp_path / "mem.safetensors")[0] == 0
-    code, out, err = run(capsys, *common, "--out", tmp_path / "disk.safetensors", "--max-memory", "1000")
+    code, out, err = run(capsys, *common, "--out", tmp_path / "disk.safetensors", "--max-memory", "500KB")
     assert code == 0, err
     assert "recorded block by block" in err
     a = CalibrationStats.load(tmp_path / "mem.safetensors")
@@ -91,10 +91,50 @@ def test_compare_over_budget_gives_the_same_table(tmp_path, capsys, model_dir, t
               "--json", "--no-progress"]
     code, out, err = run(capsys, *common)
     assert code == 0, err
-    code2, out2, err2 = run(capsys, *common, "--max-memory", "1000", "--offload-dir", tmp_path)
+    code2, out2, err2 = run(capsys, *common, "--max-memory", "600KB", "--offload-dir", tmp_path)
     assert code2 == 0, err2
     def strip(rows):
         return [{k: v for k, v in r.items() if k != "solve_seconds"} for r in rows]
 
     assert strip(json.loads(out)["rows"]) == strip(json.loads(out2)["rows"])
     assert list(tmp_path.iterdir()) == []  # the temporary statistics file is gone
+
+
+COMPARE_PEAK = r"""
+import sys
+from qera.cli import main
+code = main(sys.argv[1:])
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        print("PEAK", int(line.split()[1]) * 1024, code)
+"""
+
+
+def test_compare_peak_memory_does_not_grow_with_settings(tmp_path, text_file):
+    """One quantized copy of each layer at a time: 6 (method, setting) runs peak like 1 run.
+
+    The model's linear layers take 27 MB in fp32; a copy kept per run would add 135 MB."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tiny import byte_tokenizer, tiny_llama
+
+    d = tmp_path / "m"
+    tiny_llama(layers=2, hidden=512, inter=1536).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+
+    def peak(methods, settings):
+        argv = ["compare", str(d), "--methods", methods, "--settings", settings, "--calib-text", str(text_file),
+                "--eval-text", str(text_file), "--calib-samples", "4", "--calib-seq-len", "64", "--seq-len", "64",
+                "--max-windows", "2", "--no-progress"]
+        out = subprocess.run([sys.executable, "-c", COMPARE_PEAK, *argv], capture_output=True, text=True, env=env)
+        line = [l for l in out.stdout.splitlines() if l.startswith("PEAK")]
+        assert line and line[-1].endswith(" 0"), out.stderr[-2000:]
+        return int(line[-1].split()[1])
+
+    one = peak("qera-exact", "mxint4@4")
+    six = peak("w-only,zeroquant-v2,qera-exact", "mxint4@4,mxint3@4")
+    assert six - one < 40 * 2**20, (one, six)

@@ -85,10 +85,28 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
 
 
 # -- shared steps --------------------------------------------------------------------------------
-def _load(args):
-    from .models import load_model
+def _load(args, extra: dict[str, int] | None = None):
+    """Load ``args.model``; with an explicit budget (``--max-memory`` or ``$QERA_MAX_MEMORY``), first
+    refuse, with the estimate, a run whose smallest footprint (the model + ``extra``) cannot fit."""
+    from .memory import check_fits, explicit_budget
+    from .models import load_model, weights_bytes
 
+    budget = explicit_budget(getattr(args, "max_memory", None))
+    if budget is not None:
+        size = weights_bytes(args.model, args.cache_dir)
+        if size is not None:
+            check_fits({"model weights": size, **(extra or {})}, budget, f"qera {args.command} on {args.model}")
     return load_model(args.model, cache=args.cache_dir)
+
+
+def _logit_bytes(args) -> int:
+    """A chunk of float32 logits and its log-softmax: at most LOGIT_ELEMS entries, at most one window's."""
+    from .evaluation import LOGIT_ELEMS
+    from .models import model_config
+
+    cfg = model_config(args.model, args.cache_dir)
+    vocab = int(cfg.get("vocab_size") or LOGIT_ELEMS) if cfg else LOGIT_ELEMS
+    return 2 * 4 * min(LOGIT_ELEMS, vocab * getattr(args, "seq_len", 2048))
 
 
 def _source(explicit: str | None, dataset: str | None) -> str | None:
@@ -167,26 +185,26 @@ def _budget(args) -> int:
     return parse_size(getattr(args, "max_memory", None), "--max-memory") or default_budget()
 
 
-def _stats_budget(args, model) -> int:
-    """What the statistics may take: the memory budget less the model already in memory."""
+def _stats_budget(args, model, reserve: int = 0) -> int:
+    """What the statistics may take: the memory budget less the model in memory and ``reserve``."""
     from .drivers.oneshot import resident_bytes
 
-    return max(0, _budget(args) - resident_bytes(model))
+    return max(0, _budget(args) - resident_bytes(model) - reserve)
 
 
-def _stats(args, model, tokenizer, kinds, targets, path=None, extra=None):
+def _stats(args, model, tokenizer, kinds, targets, path=None, extra=None, reserve: int = 0):
     """``(statistics, temporary file or None)``: from ``--stats`` (read lazily when over the budget), or
     collected — in memory within the budget, else block by block into ``path`` or a temporary file."""
     from .statistics import CalibrationStats
     from .stats_store import collect_statistics_within
 
     if args.stats:
-        lazy = Path(args.stats).is_file() and Path(args.stats).stat().st_size > _stats_budget(args, model)
+        lazy = Path(args.stats).is_file() and Path(args.stats).stat().st_size > _stats_budget(args, model, reserve)
         return CalibrationStats.load(args.stats, lazy=lazy), None
     if not kinds:
         return None, None
     return collect_statistics_within(
-        model, _calibration_batches(args, tokenizer), targets, kinds, _stats_budget(args, model), path=path,
+        model, _calibration_batches(args, tokenizer), targets, kinds, _stats_budget(args, model, reserve), path=path,
         workdir=getattr(args, "offload_dir", None), precision=getattr(args, "stats_precision", "mixed"),
         progress=not args.no_progress, extra=extra,
     )
@@ -261,7 +279,7 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    model, tok = _load(args)
+    model, tok = _load(args, {"logits of one chunk": _logit_bytes(args)})
     r = _eval(args, model, tok)
     _emit(args, {"model": args.model, **r.to_dict()},
           f"perplexity {r.perplexity:.4f} over {r.windows} windows x {r.seq_len} tokens ({r.tokens_per_second:.0f} tok/s)")
@@ -316,10 +334,14 @@ def cmd_compare(args) -> int:
         METHODS.get(m)
     settings = _settings(args.settings, args.format, args.rank)
     configs = [(fmt, m, _config(args, fmt, m, r if METHODS.get(m).uses_rank else 0)) for fmt, r in settings for m in methods]
-    model, tok = _load(args)
+    model, tok = _load(args, {"logits of one chunk": _logit_bytes(args)})
     kinds = frozenset().union(*(stats_kinds_for(c, True) for _, _, c in configs))
     targets = find_targets(model, configs[0][2].include, configs[0][2].exclude)
-    stats, temp = _stats(args, model, tok, kinds, targets)
+    from .targets import linear_weight
+
+    # room for one quantized copy of the layers (their dense W̃ + BA cache) and the evaluation's logits
+    copy_bytes = sum(linear_weight(m).numel() * linear_weight(m).element_size() for m in targets.values())
+    stats, temp = _stats(args, model, tok, kinds, targets, reserve=copy_bytes + _logit_bytes(args))
     try:
         return _compare(args, model, tok, configs, targets, stats)
     finally:
@@ -527,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity of a model or a quantized checkpoint")
     _add_model(p); _add_eval(p); common(p)
+    p.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GiB: refuse up front what cannot fit")
     p.add_argument("--dataset", choices=["builtin", "wikitext2"], default=None)
     p.set_defaults(func=cmd_eval)
 

@@ -81,3 +81,22 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def explicit_budget(value: str | int | None, env: str = "QERA_MAX_MEMORY") -> int | None:
+    """The budget the user set (``--max-memory`` or ``$QERA_MAX_MEMORY``), or None when neither is set."""
+    if value:
+        return parse_size(value, "--max-memory")
+    if os.environ.get(env):
+        return parse_size(os.environ[env], env)
+    return None
+
+
+def check_fits(parts: dict[str, int], budget: int, what: str) -> None:
+    """Raise a :class:`QeraError` with the estimate when ``parts`` (bytes) exceed ``budget``."""
+    need = sum(parts.values())
+    if need > budget:
+        detail = " + ".join(f"{k} {format_size(v)}" for k, v in parts.items())
+        raise QeraError(f"{what} needs at least {format_size(need)} ({detail}), over the memory budget of "
+                        f"{format_size(budget)}; raise --max-memory, or quantize with --pipeline sequential, which "
+                        "streams the model one block at a time")

@@ -187,3 +187,40 @@ def load_model(
                 if any(".qweight_" in k for k in info.get("unexpected_keys") or []) else "")
         raise QeraError(f"{source}: the weights lack {len(missing)} tensor(s) of the model, e.g. {missing[:3]}{hint}")
     return model.to(device).eval(), tok
+
+
+def weights_bytes(source: str, cache: str | os.PathLike | None = None) -> int | None:
+    """Bytes the model's weights take once loaded (its safetensors files, in their dtype), or None if unknown.
+
+    Reads no tensor: local directories and converted GGUFs only (a hub id is unknown until downloaded).
+    """
+    try:
+        where = resolve_source(source)
+    except QeraError:
+        return None
+    if isinstance(where, Path) and where.is_file() and where.suffix == ".gguf":
+        target = _gguf_cache_path(where, cache_dir(cache))
+        where = target if (target / "config.json").is_file() else None
+    if not isinstance(where, Path) or not where.is_dir():
+        return None
+    files = list(where.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None
+
+
+def model_config(source: str, cache: str | os.PathLike | None = None) -> dict | None:
+    """The ``config.json`` of a local model (or a converted GGUF) as a dict, without loading weights."""
+    import json
+
+    try:
+        where = resolve_source(source)
+    except QeraError:
+        return None
+    if isinstance(where, Path) and where.is_file() and where.suffix == ".gguf":
+        where = _gguf_cache_path(where, cache_dir(cache))
+    p = where / "config.json" if isinstance(where, Path) else None
+    if p is None or not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None

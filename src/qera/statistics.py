@@ -375,9 +375,8 @@ class CalibrationStats:
 # -- persistence -------------------------------------------------------------------------------
 def save_stats(stats: Mapping[str, ActivationStats], path: str | os.PathLike, extra: dict | None = None) -> None:
     """Write named statistics to one safetensors file, atomically (temp file + rename)."""
-    from safetensors.torch import save_file
-
     from .atomic import write_file
+    from .checkpoint.files import write_safetensors
 
     tensors: dict[str, torch.Tensor] = {}
     meta = {}
@@ -386,7 +385,7 @@ def save_stats(stats: Mapping[str, ActivationStats], path: str | os.PathLike, ex
         for kind, value in st.sums.items():
             tensors[f"{key}::{kind}"] = value.detach().to("cpu").contiguous()
     header = {"qera_stats": json.dumps({"layers": meta, "extra": extra or {}})}
-    write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    write_file(path, lambda tmp: write_safetensors(tensors, tmp, metadata=header))
 
 
 def _read_header(path: Path) -> dict:

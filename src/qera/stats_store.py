@@ -33,8 +33,6 @@ class StatsFileWriter:
     """Block statistics → part files beside ``path`` → one safetensors file at ``path`` on :meth:`finish`."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import save_file  # noqa: F401  (fail early if missing)
-
         self.path = Path(path)
         check_parent(self.path)
         self.parts_dir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-{os.getpid()}-parts-", dir=self.path.parent))
@@ -43,7 +41,7 @@ class StatsFileWriter:
         self.groups: dict[str, str] = {}
 
     def add(self, stats: CalibrationStats) -> None:
-        from safetensors.torch import save_file
+        from .checkpoint.files import write_safetensors
 
         tensors = {}
         for key, st in stats.stats.items():
@@ -52,7 +50,7 @@ class StatsFileWriter:
                 tensors[f"{key}::{kind}"] = value.detach().to("cpu").contiguous()
         self.groups.update(stats.groups)
         part = self.parts_dir / f"{len(self.parts):05d}.safetensors"
-        save_file(tensors, str(part), metadata={"format": "pt"})
+        write_safetensors(tensors, part)
         self.parts.append(part)
 
     def finish(self, extra: Mapping[str, str] | None = None) -> Path:
