@@ -172,12 +172,12 @@ def test_save_is_atomic_and_refuses_existing(tmp_path, tok, monkeypatch):
     save_quantized(model, tok, tmp_path / "ck")
     with pytest.raises(QeraError, match="already exists"):
         save_quantized(model, tok, tmp_path / "ck")
-    import safetensors.torch
+    from qera.checkpoint import files
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(files, "write_safetensors", boom)
     with pytest.raises(OSError):
         save_quantized(model, tok, tmp_path / "ck2")
     with pytest.raises(OSError):
