@@ -113,7 +113,8 @@ for line in open("/proc/self/status"):
 def test_compare_peak_memory_does_not_grow_with_settings(tmp_path, text_file):
     """One quantized copy of each layer at a time: 6 (method, setting) runs peak like 1 run.
 
-    The model's linear layers take 27 MB in fp32; a copy kept per run would add 135 MB."""
+    The model's linear layers take 103 MB in fp32: a copy kept per run would add 5 x 103 MB, while
+    allocator noise between two runs of the same process is about 50 MB, so the bound is one copy."""
     import os
     import subprocess
     import sys
@@ -122,9 +123,9 @@ def test_compare_peak_memory_does_not_grow_with_settings(tmp_path, text_file):
     from tiny import byte_tokenizer, tiny_llama
 
     d = tmp_path / "m"
-    tiny_llama(layers=2, hidden=512, inter=1536).save_pretrained(d)
+    tiny_llama(layers=2, hidden=1024, inter=2816).save_pretrained(d)
     byte_tokenizer().save_pretrained(d)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "MALLOC_ARENA_MAX": "2"}
 
     def peak(methods, settings):
         argv = ["compare", str(d), "--methods", methods, "--settings", settings, "--calib-text", str(text_file),
@@ -137,4 +138,5 @@ def test_compare_peak_memory_does_not_grow_with_settings(tmp_path, text_file):
 
     one = peak("qera-exact", "mxint4@4")
     six = peak("w-only,zeroquant-v2,qera-exact", "mxint4@4,mxint3@4")
-    assert six - one < 40 * 2**20, (one, six)
+    linear_bytes = 2 * (4 * 1024 * 1024 + 3 * 1024 * 2816) * 4
+    assert six - one < linear_bytes, (one, six, linear_bytes)
