@@ -24,6 +24,7 @@ import resource
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -48,16 +49,17 @@ def llama_config(a):
                        max_position_embeddings=max(4096, a.seqlen), dtype="bfloat16")
 
 
-def random_model_in_memory(a):
-    """The random bf16 model in host memory, built without a float32 copy (meta → filled tensor by tensor)."""
+def random_model_in_memory(a, device: torch.device):
+    """The random bf16 model in host memory, built without a float32 copy (meta → filled tensor by tensor;
+    on a GPU machine the numbers are drawn on the GPU)."""
     from qera.streaming import empty_model
 
     model = empty_model(llama_config(a), torch.bfloat16)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
         for name, p in list(model.named_parameters()):
             t = torch.ones(p.shape, dtype=torch.bfloat16) if p.dim() == 1 else \
-                (torch.randn(p.shape, generator=gen) * 0.02).to(torch.bfloat16)
+                (torch.randn(p.shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
             owner, _, attr = name.rpartition(".")
             model.get_submodule(owner)._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
     return model.eval()
@@ -91,6 +93,48 @@ def run_llmcompressor(model, batches, a, device, workdir: Path) -> float | None:
     return seconds
 
 
+def set_cap(device: torch.device, gb: float | None) -> None:
+    """Cap this process's CUDA allocations at ``gb`` (None lifts the cap)."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 1e9 / total) if gb else 1.0, device)
+
+
+def phase_failed(phase: str, exc: BaseException) -> None:
+    print(json.dumps({"phase": phase, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                      "where": traceback.format_exc()[-3000:]}), flush=True)
+
+
+def run_qera(a, model, src, batches, fmt: str, device: torch.device, work: Path) -> float:
+    """One qera job (sequential pipeline, qera-exact r32 on ``fmt``); emits its line, returns its seconds."""
+    from qera import QuantConfig, find_targets, quantize_and_save, quantize_model
+    from qera.targets import replace_module
+
+    cfg = QuantConfig(format=fmt, method="qera-exact", rank=32, pipeline="sequential")
+    gpu_budget = int(a.gpu_memory * 1e9) if a.gpu_memory else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t1 = time.perf_counter()
+    if model is None:
+        rep = quantize_and_save(src, cfg, work / f"out-{fmt.replace(':', '_')}", calibration=batches, overwrite=True,
+                                progress=False, device=device, gpu_memory=gpu_budget, report_output_error=False)
+    else:
+        originals = dict(find_targets(model))
+        try:
+            rep = quantize_model(model, cfg, calibration=batches, progress=False, device=device,
+                                 gpu_memory=gpu_budget, report_output_error=False)
+        finally:
+            for name, mod in originals.items():  # the next job starts from the same weights
+                replace_module(model, name, mod)
+    seconds = time.perf_counter() - t1
+    reserved = torch.cuda.max_memory_reserved(device) / 1e9 if device.type == "cuda" else None
+    emit(f"qera {fmt} qera-exact r32", seconds, device, source=a.source, cap_gb=a.gpu_memory,
+         peak_gpu_reserved_gb=reserved, calibration_s=round(rep.calibration_seconds, 3),
+         solve_s=round(rep.solve_seconds, 3), timings=rep.timings, layers=len(rep.layers), notes=rep.notes)
+    return seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -102,64 +146,59 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--source", default="memory", choices=["memory", "disk"])
-    ap.add_argument("--gpu-memory", type=float, default=None, help="cap (GB) on what this process may place on the GPU")
+    ap.add_argument("--gpu-memory", type=float, default=None,
+                    help="cap (GB) on what qera may place on the GPU (llm-compressor runs uncapped)")
     ap.add_argument("--compare", default=None, choices=["llmcompressor"])
+    ap.add_argument("--formats", default="int4:group=128,mxint4", help="comma-separated weight formats for qera")
     ap.add_argument("--batch", type=int, default=8, help="calibration rows per forward")
     ap.add_argument("--work", default=None, help="folder for the shards (--source disk) and outputs")
     a = ap.parse_args()
-    from qera import QuantConfig, find_targets, quantize_and_save, quantize_model
-    from qera.targets import replace_module
 
     device = torch.device(a.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             sys.exit("gpu_7b: --device cuda but no CUDA GPU is available")
-        if a.gpu_memory:
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, a.gpu_memory * 1e9 / total), device)
+        device = torch.device("cuda", torch.cuda.current_device())
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="qera-gpu7b-"))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, a.vocab, (a.samples, a.seqlen), generator=g)
     batches = [{"input_ids": ids[i:i + a.batch], "attention_mask": torch.ones_like(ids[i:i + a.batch])}
                for i in range(0, a.samples, a.batch)]
     t0 = time.perf_counter()
+    src = None
     if a.source == "disk":
         from random_model import write_random_llama
 
         src = work / f"llama-{a.hidden}-{a.inter}-{a.blocks}"
         if not (src / "config.json").is_file():
-            write_random_llama(src, a.hidden, a.inter, a.blocks, a.heads, a.heads, a.vocab, max_positions=max(4096, a.seqlen))
+            write_random_llama(src, a.hidden, a.inter, a.blocks, a.heads, a.heads, a.vocab,
+                               max_positions=max(4096, a.seqlen), device=a.device)
         model = None
     else:
-        model = random_model_in_memory(a)
+        model = random_model_in_memory(a, device)
     emit("build model" if a.source == "memory" else "write shards", time.perf_counter() - t0, device, source=a.source)
-    gpu_budget = int(a.gpu_memory * 1e9) if a.gpu_memory else None
     qera_seconds = None
-    for fmt in ("int4:group=128", "mxint4"):
-        cfg = QuantConfig(format=fmt, method="qera-exact", rank=32, pipeline="sequential")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t1 = time.perf_counter()
-        if model is None:
-            rep = quantize_and_save(src, cfg, work / f"out-{fmt.replace(':', '_')}", calibration=batches, overwrite=True,
-                                    progress=False, device=device, gpu_memory=gpu_budget, report_output_error=False)
-        else:
-            originals = dict(find_targets(model))
-            rep = quantize_model(model, cfg, calibration=batches, progress=False, device=device, gpu_memory=gpu_budget,
-                                 report_output_error=False)
-            for name, mod in originals.items():  # the next format starts from the same weights
-                replace_module(model, name, mod)
-        seconds = time.perf_counter() - t1
-        emit(f"qera {fmt} qera-exact r32", seconds, device, calibration_s=round(rep.calibration_seconds, 3),
-             solve_s=round(rep.solve_seconds, 3), layers=len(rep.layers), notes=rep.notes)
-        qera_seconds = qera_seconds or seconds
+    set_cap(device, a.gpu_memory)
+    for fmt in a.formats.split(","):
+        try:
+            seconds = run_qera(a, model, src, batches, fmt, device, work)
+            qera_seconds = qera_seconds or seconds
+        except Exception as exc:
+            phase_failed(f"qera {fmt}", exc)
+    set_cap(device, None)
     if a.compare == "llmcompressor":
-        if model is None:
-            from transformers import AutoModelForCausalLM
+        try:
+            if model is None:
+                from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-        lc = run_llmcompressor(model.to(device) if device.type == "cuda" else model, batches, a, device, work)
-        if lc is not None:
+                model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            lc = run_llmcompressor(model.to(device) if device.type == "cuda" else model, batches, a, device, work)
+        except Exception as exc:
+            phase_failed("llmcompressor", exc)
+            lc = None
+        if lc is not None and qera_seconds:
             print(json.dumps({"llmcompressor_seconds / qera_seconds": round(lc / qera_seconds, 3)}), flush=True)
 
 

@@ -103,7 +103,7 @@ def test_streamed_from_shards_equals_in_memory(tmp_path, batches):
 
     orig = streaming.StreamingPlacer.onload
 
-    def onload(self, index, block, prefix):  # at most one block is ever materialized
+    def onload(self, index, block, prefix):  # the previous block is gone; the next is prefetched after this
         orig(self, index, block, prefix)
         blocks = block_list
         live = [i for i, b in enumerate(blocks) if any(p.device.type != "meta" for p in b.parameters())]
@@ -137,6 +137,28 @@ def test_streamed_from_shards_equals_in_memory(tmp_path, batches):
     ids = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
         assert torch.equal(back(ids).logits, mem(ids).logits)
+
+
+def test_prefetch_failure_surfaces_in_the_caller(tmp_path, batches, monkeypatch):
+    """A shard read that fails in the prefetch thread raises in the run itself; no thread or output is left."""
+    import threading
+
+    from qera import streaming
+
+    src = save_source(tmp_path / "src")
+    real = streaming.WeightSource.get
+
+    def get(self, key, device="cpu"):
+        if ".layers.2." in key:
+            raise QeraError(f"cannot read {key}: simulated I/O error")
+        return real(self, key, device)
+
+    monkeypatch.setattr(streaming.WeightSource, "get", get)
+    cfg = QuantConfig(format="int4:group=32", method="qera-exact", rank=4, pipeline="sequential")
+    with pytest.raises(QeraError, match="layers.2.*simulated I/O error"):
+        quantize_and_save(src, cfg, tmp_path / "q", calibration=batches, progress=False)
+    assert not any(t.name.startswith("qera-prefetch") and t.is_alive() for t in threading.enumerate())
+    assert not (tmp_path / "q").exists()
 
 
 KILL = textwrap.dedent("""
@@ -285,3 +307,34 @@ def test_load_with_a_device_map(tmp_path):
         assert torch.equal(back(ids).logits, model(ids).logits)
     with pytest.raises(QeraError, match="places no entry"):
         load_quantized(tmp_path / "q", device_map={"model.layers": "cpu"})
+
+
+def test_block_calls_move_to_the_compute_device():
+    """Every tensor a block is called with (rotary cos/sin, positions, masks) follows the block to the
+    compute device: checked with the meta device, which needs no GPU."""
+    from qera.calibration import runner_for
+    from qera.capture import capture_calls, to_device
+    from qera.targets import find_blocks, find_targets
+
+    model = tiny_llama()
+    targets = dict(find_targets(model))
+    _, blocks = find_blocks(model, list(targets))
+    batch = {"input_ids": torch.randint(0, 256, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    _, calls = capture_calls(runner_for(model, targets), blocks, batch, torch.device("cpu"))
+    moved = to_device(calls, "meta")
+    tensors = []
+
+    def collect(o):
+        if torch.is_tensor(o):
+            tensors.append(o)
+        elif isinstance(o, (tuple, list)):
+            for v in o:
+                collect(v)
+        elif isinstance(o, dict):
+            for v in o.values():
+                collect(v)
+
+    for c in moved:
+        collect(c.args)
+        collect(c.kwargs)
+    assert tensors and all(t.device.type == "meta" for t in tensors)

@@ -102,6 +102,8 @@ def to_device(obj: Any, device: torch.device | str, memo: dict[int, Any] | None 
         if id(obj) not in memo:
             memo[id(obj)] = obj.to(device)
         return memo[id(obj)]
+    if isinstance(obj, BlockCall):
+        return BlockCall(to_device(obj.args, device, memo), to_device(obj.kwargs, device, memo), obj.hidden_key)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # named tuple
         return type(obj)(*(to_device(v, device, memo) for v in obj))
     if isinstance(obj, (tuple, list)):

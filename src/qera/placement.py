@@ -17,17 +17,19 @@ class BlockNeeds:
 
     weights: one block's parameters in the compute dtype; statistics: float64 accumulators of its
     distinct inputs; solve: R in float32 plus ~7 float32 copies of its largest layer (measured,
-    bench/README.md); activations: the cached block inputs of every calibration batch.
+    bench/README.md); activations: the cached block inputs of every calibration batch; prefetch:
+    the next block's weights, brought in while this one computes (0 without prefetching).
     """
 
     weights: int
     statistics: int
     solve: int
     activations: int
+    prefetch: int = 0
 
     @property
     def per_block(self) -> int:
-        return self.weights + self.statistics + self.solve
+        return self.weights + self.prefetch + self.statistics + self.solve
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,8 @@ class Plan:
                  "disk": "on disk (--offload-dir)"}[self.activations]
         budget = (f"; GPU budget {format_size(self.gpu_budget)}" if self.gpu_budget is not None else "") + \
                  (f"; host budget {format_size(self.host_budget)}" if self.host_budget is not None else "")
-        return (f"plan: one block at a time on {self.device} (weights {format_size(n.weights)} + statistics "
+        ahead = f" + next block {format_size(n.prefetch)}" if n.prefetch else ""
+        return (f"plan: one block at a time on {self.device} (weights {format_size(n.weights)}{ahead} + statistics "
                 f"{format_size(n.statistics)} + solve ≤ {format_size(n.solve)}); activations "
                 f"{format_size(n.activations)} {where}{budget}")
 

@@ -38,6 +38,7 @@ class QuantReport:
     calibration_tokens: int = 0
     pipeline: str = "oneshot"
     notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (sequential: capture, onload, ...)
 
     def quality(self) -> dict[str, Any]:
         """The deterministic part of the summary (no timings): bits and output-error ratio."""
@@ -60,7 +61,7 @@ class QuantReport:
 
     def summary(self) -> dict[str, Any]:
         return {**self.quality(), "calibration_seconds": self.calibration_seconds,
-                "solve_seconds": self.solve_seconds, "pipeline": self.pipeline}
+                "solve_seconds": self.solve_seconds, "pipeline": self.pipeline, "timings": dict(self.timings)}
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "summary": self.summary(), "notes": list(self.notes),

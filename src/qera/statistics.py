@@ -121,8 +121,10 @@ class ActivationStats:
         exact = self.precision == "float64"
         tensor_cores = not exact and rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16)
         cols = max(256, XTX_BLOCK_ELEMS // self.dim)
+        diagonal = bool(self.kinds & {"sq", "abs"})
         for chunk in rows.split(CHUNK_ROWS):
-            c = chunk.to(torch.float64 if exact else torch.float32)
+            # the tensor-core GEMM reads the bf16/fp16 chunk itself: a float32 copy only when something else needs it
+            c = chunk.to(torch.float64 if exact else torch.float32) if diagonal or not tensor_cores else None
             if "xtx" in self.kinds:
                 acc = self.sums["xtx"]
                 # row blocks: the float32 product and its float64 cast never exist for all of d×d

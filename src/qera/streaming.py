@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -266,26 +268,135 @@ def load_model_lazy(path: str | os.PathLike, blocks_name: str | None = None, dty
     return model, tok, source
 
 
+def canonical_device(device: torch.device | str) -> torch.device:
+    """``cuda`` → ``cuda:N`` (the current device), so devices compare equal to tensors' ``.device``."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
+class Prefetch:
+    """Block ``index`` being brought to ``device`` by a background thread while the current block computes.
+
+    On CUDA the copies run on ``stream`` (a side stream), so they overlap the compute stream's
+    kernels; :meth:`finish` makes the compute stream wait for them and marks the new tensors as used
+    by it (so the caching allocator never hands their memory out early). On the CPU the thread
+    still overlaps reading shards with compute.
+    """
+
+    def __init__(self, index: int, block: nn.Module, prefix: str, device: torch.device, work, stream=None) -> None:
+        self.index, self.block, self.prefix, self.device, self.stream = index, block, prefix, device, stream
+        self.event = torch.cuda.Event() if stream is not None else None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(work,), name=f"qera-prefetch-{index}", daemon=True)
+        self.thread.start()
+
+    def _run(self, work) -> None:
+        try:
+            if self.stream is None:
+                work()
+            else:
+                with torch.cuda.stream(self.stream):
+                    work()
+                    self.event.record(self.stream)
+        except BaseException as exc:  # re-raised in the caller's thread by finish()
+            self.error = exc
+
+    def finish(self, block: nn.Module) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        if self.stream is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(self.event)
+            for t in list(block.parameters()) + list(block.buffers()):
+                if t.is_cuda:
+                    t.record_stream(main)
+
+
 class Placer:
     """Where a block lives while it is processed (``onload``) and after (``offload``).
 
     ``drops`` is True when offloading frees the block's weights (streaming): then the layers a
-    block replaced are dropped too.
+    block replaced are dropped too. ``prefetch(i + 1, ...)`` right after ``onload(i, ...)`` brings
+    the next block in the background (CUDA; and shard reads for streaming), so one more block's
+    weights are resident: :attr:`prefetches` says whether it does anything.
     """
 
     drops = False
 
-    def __init__(self, device: torch.device, home: torch.device | None = None) -> None:
-        self.device, self.home = torch.device(device), home
+    def __init__(self, device: torch.device, home: torch.device | None = None, overlap: bool = True) -> None:
+        self.device, self.home = canonical_device(device), home
+        self.overlap = overlap
+        self._pending: Prefetch | None = None
+        self._stream = None
+        self._homes: dict[int, dict[int, torch.Tensor]] = {}
+
+    @property
+    def prefetches(self) -> bool:
+        return self.overlap and self.device.type == "cuda"
+
+    def _side_stream(self):
+        if self.device.type != "cuda":
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    def prefetch(self, index: int, block: nn.Module, prefix: str) -> None:
+        """Start bringing block ``index`` (the next one) to the device; :meth:`onload` waits for it."""
+        if not self.prefetches or self._pending is not None:
+            return
+        here = self._device_of(block)
+        if here == self.device:
+            return
+        self.home = here
+        self._stash(index, block)
+        self._pending = Prefetch(index, block, prefix, self.device,
+                                 lambda: block.to(self.device, non_blocking=True), self._side_stream())
+
+    def _take(self, index: int, block: nn.Module) -> bool:
+        """Finish a prefetch of ``index``; True when the block is now in place."""
+        p, self._pending = self._pending, None
+        if p is None:
+            return False
+        p.finish(block)
+        if p.index != index:
+            raise QeraError(f"internal: block {p.index} was prefetched but block {index} was asked for")
+        return True
+
+    def _stash(self, index: int, block: nn.Module) -> None:
+        """Keep the home copies of the block's parameters: layers replaced while on the device go
+        back to them at offload with no device→host copy (the model's weights stay where they were)."""
+        self._homes[index] = {id(p): p.data for p in block.parameters()}
 
     def onload(self, index: int, block: nn.Module, prefix: str) -> None:
+        self._take(index, block)
         if self._device_of(block) != self.device:
             self.home = self._device_of(block)
+            self._stash(index, block)
             block.to(self.device)
 
-    def offload(self, index: int, block: nn.Module, prefix: str) -> None:
-        if self.home is not None and self.home != self.device:
-            block.to(self.home)
+    def offload(self, index: int, block: nn.Module, prefix: str, replaced: Sequence[nn.Module] = ()) -> None:
+        """Send the block home; ``replaced`` are the original layers swapped out of it while on the device."""
+        homes = self._homes.pop(index, {})
+        if self.home is None or self.home == self.device:
+            return
+        block.to(self.home)
+        for module in replaced:
+            for p in module.parameters():
+                p.data = homes[id(p)] if id(p) in homes else p.data.to(self.home)
+            module.to(self.home)  # buffers, if any
+
+    def close(self) -> None:
+        """After an error: wait for a prefetch still running and send its block home again."""
+        p, self._pending = self._pending, None
+        if p is not None:
+            p.thread.join()
+            if p.stream is not None:
+                p.stream.synchronize()
+            self.offload(p.index, p.block, p.prefix)
 
     @staticmethod
     def _device_of(block: nn.Module) -> torch.device:
@@ -294,22 +405,41 @@ class Placer:
 
 
 class StreamingPlacer(Placer):
-    """Reads a block's weights from the shards on onload; back to meta on offload (unless ``keep``)."""
+    """Reads a block's weights from the shards on onload (or ahead, by :meth:`prefetch`); back to meta on
+    offload (unless ``keep``)."""
 
     def __init__(self, source: WeightSource, device: torch.device, keep: bool = False,
-                 dtype: torch.dtype | None = None) -> None:
-        super().__init__(device)
+                 dtype: torch.dtype | None = None, overlap: bool = True) -> None:
+        super().__init__(device, overlap=overlap)
         self.source, self.keep, self.dtype = source, keep, dtype
         self.drops = not keep
         self.bytes_read = 0
 
-    def onload(self, index: int, block: nn.Module, prefix: str) -> None:
+    @property
+    def prefetches(self) -> bool:
+        return self.overlap  # reading shards overlaps compute on the CPU too
+
+    def _read(self, block: nn.Module, prefix: str) -> None:
         self.bytes_read += materialize(block, prefix, self.source, self.device, self.dtype)
+
+    def prefetch(self, index: int, block: nn.Module, prefix: str) -> None:
+        if not self.prefetches or self._pending is not None:
+            return
+        self._pending = Prefetch(index, block, prefix, self.device, lambda: self._read(block, prefix),
+                                 self._side_stream())
+
+    def onload(self, index: int, block: nn.Module, prefix: str) -> None:
+        if not self._take(index, block):
+            self._read(block, prefix)
         self.source.close()  # unmap the shards: pages read for this block leave this process's RSS
 
-    def offload(self, index: int, block: nn.Module, prefix: str) -> None:
+    def offload(self, index: int, block: nn.Module, prefix: str, replaced: Sequence[nn.Module] = ()) -> None:
         if self.keep:
             if self.device.type != "cpu":
                 block.to("cpu")
+                for module in replaced:
+                    module.to("cpu")
         else:
             release(block)
+            for module in replaced:  # the fp layers the block replaced go too
+                release(module)

@@ -11,7 +11,6 @@ weights and statistics, the activations and the packed output so far are ever in
 from __future__ import annotations
 
 import logging
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -25,7 +24,8 @@ from ..errors import QeraError
 from ..memory import trim_heap
 from ..placement import BlockNeeds, Plan, plan_placement
 from ..recording import probe_shared_inputs, record_statistics
-from ..streaming import Placer, release
+from ..streaming import Placer, canonical_device
+from ..timing import PhaseTimer
 from ..targets import block_index, find_blocks, linear_shape
 from . import DRIVERS
 from .base import DriverContext
@@ -66,57 +66,73 @@ def run_sequential(ctx: DriverContext) -> None:
         log.info("sequential pipeline: the given statistics are not used; they are recorded block by block")
     propagate = ctx.quantizer.config.propagate
     writer, q, dist = ctx.writer, ctx.quantizer, ctx.dist
-    t_cal = time.perf_counter()
-    walk = BlockWalk.prepare(ctx.model, ctx.targets, list(ctx.calibration or []), ctx.kinds, ctx.device, ctx.placer,
-                             ctx.max_memory, ctx.gpu_memory, ctx.offload_dir, dist)
+    timer = PhaseTimer(ctx.device)
+    with timer("capture"):
+        walk = BlockWalk.prepare(ctx.model, ctx.targets, list(ctx.calibration or []), ctx.kinds, ctx.device,
+                                 ctx.placer, ctx.max_memory, ctx.gpu_memory, ctx.offload_dir, dist)
     ctx.report.notes.extend(walk.notes)
     ctx.report.calibration_tokens = walk.tokens
     blocks, blocks_name, by_block, placer, captured = walk.blocks, walk.blocks_name, walk.by_block, walk.placer, walk.captured
+    timer.device = walk.device
     device, cache = walk.device, walk.captured.cache
     done = writer.done_blocks if writer is not None else 0
     if dist is not None:
         done = dist.broadcast_json(done, 0)
-    solve_s = 0.0
-    ctx.report.calibration_seconds = time.perf_counter() - t_cal
     bar = tqdm(range(len(blocks)), desc=f"{q.config.method} {q.config.format} by block", unit="block",
                disable=not ctx.progress)
+    current = None  # (index, block, prefix) of the block on the device, to send home after an error
     try:
         for i in bar:
             block, prefix = blocks[i], f"{blocks_name}.{i}."
-            if i > 0:
-                placer.onload(i, block, prefix)
+            current = (i, block, prefix)
+            with timer("onload"):
+                if i > 0:
+                    placer.onload(i, block, prefix)
+                if i + 1 < len(blocks):  # the next block's weights come in while this one computes
+                    placer.prefetch(i + 1, blocks[i + 1], f"{blocks_name}.{i + 1}.")
             names = by_block.get(i, {})
             calls = [c[i] for c in captured.calls]
-            t0 = time.perf_counter()
             if i < done:  # resume: replay the finished block to rebuild the next inputs
-                _replay(ctx, writer, i, block, names, calls, cache, propagate, device)
-                ctx.report.calibration_seconds += time.perf_counter() - t0
+                with timer("replay"):
+                    _replay(ctx, writer, i, block, names, calls, cache, propagate, device)
             elif not names:
-                _propagate(block, calls, cache)
+                with timer("propagate"):
+                    _propagate(block, calls, cache)
                 if writer is not None:
-                    writer.add_block(i, prefix, block, [])
+                    with timer("write"):
+                        writer.add_block(i, prefix, block, [])
             else:
                 mods = _block_modules(block, prefix, names)
-                stats = _record(block, mods, calls, cache, captured, i, ctx.kinds, q.config.stats_precision,
-                                keep_outputs=propagate == "fp")
-                if dist is not None:
-                    dist.all_reduce_stats(stats)
-                ctx.report.calibration_seconds += time.perf_counter() - t0
-                t1 = time.perf_counter()
-                reports = _solve_block(ctx, mods, stats, i)
-                solve_s += time.perf_counter() - t1
+                with timer("record"):
+                    stats = _record(block, mods, calls, cache, captured, i, ctx.kinds, q.config.stats_precision,
+                                    keep_outputs=propagate == "fp")
+                    if dist is not None:
+                        dist.all_reduce_stats(stats)
+                with timer("solve"):
+                    reports = _solve_block(ctx, mods, stats, i)
+                del stats
                 if propagate == "quantized":
-                    t2 = time.perf_counter()
-                    _propagate(block, calls, cache)
-                    ctx.report.calibration_seconds += time.perf_counter() - t2
+                    with timer("propagate"):
+                        _propagate(block, calls, cache)
                 if writer is not None:
-                    writer.add_block(i, prefix, block, reports)
-            _offload(ctx, placer, i, block, prefix, names)
+                    with timer("write"):
+                        writer.add_block(i, prefix, block, reports)
+            with timer("offload"):
+                _offload(ctx, placer, i, block, prefix, names)
+            current = None
             bar.set_postfix(layers=len(ctx.report.layers))
+    except BaseException:
+        if current is not None:  # the caller restores the replaced layers; the block goes home first
+            i, block, prefix = current
+            _offload(ctx, placer, i, block, prefix, by_block.get(i, {}))
+        raise
     finally:
+        placer.close()
         cache.close()
         bar.close()
-    ctx.report.solve_seconds = solve_s
+        ctx.report.timings = timer.as_dict()
+        ctx.report.calibration_seconds = timer.total("capture", "onload", "record", "propagate", "replay")
+        ctx.report.solve_seconds = timer.total("solve")
 
 
 def _propagate(block: nn.Module, calls, cache) -> None:
@@ -171,7 +187,8 @@ def _solve_block(ctx: DriverContext, mods: dict[str, nn.Module], stats, i: int) 
             del result
         else:
             results[name] = result
-        trim_heap()  # per-layer temporaries are tens of MB: give them back before the next layer
+        if not _on_gpu(mods[name]):
+            trim_heap()  # per-layer temporaries are tens of MB of host memory: give them back before the next layer
     if dist is not None:
         from ..distributed import broadcast_result
 
@@ -182,12 +199,13 @@ def _solve_block(ctx: DriverContext, mods: dict[str, nn.Module], stats, i: int) 
     return ctx.report.layers[-len(names):]
 
 
+def _on_gpu(module: nn.Module) -> bool:
+    p = next(iter(module.parameters()), None)
+    return p is not None and p.device.type == "cuda"
+
+
 def _offload(ctx: DriverContext, placer, i: int, block: nn.Module, prefix: str, names) -> None:
-    placer.offload(i, block, prefix)
-    if getattr(placer, "drops", False):  # the replaced fp layers of a streamed block go too
-        for name in names:
-            if name in ctx.replaced:
-                release(ctx.replaced[name])
+    placer.offload(i, block, prefix, [ctx.replaced[n] for n in names if n in ctx.replaced])
     trim_heap()
 
 
@@ -217,13 +235,14 @@ class BlockWalk:
         by_block = _split_by_block(targets, blocks_name)
         runner = runner_for(model, targets)
         input_device = model_device(model)
-        device = torch.device(device) if device is not None else input_device
+        device = canonical_device(device) if device is not None else input_device
         placer = placer if placer is not None else Placer(device)
         prefix0 = f"{blocks_name}.0."
         placer.onload(0, blocks[0], prefix0)
         tuple_out = block_output_is_tuple(runner, blocks, batches[0], input_device, device)
         probe = capture_probe(runner, blocks, batches[0], input_device, device, tuple_out)
-        plan = _plan(blocks[0], prefix0, by_block.get(0, {}), probe, batches, device, kinds, gpu_memory, max_memory)
+        plan = _plan(blocks[0], prefix0, by_block.get(0, {}), probe, batches, device, kinds, gpu_memory, max_memory,
+                     prefetch=placer.prefetches and len(blocks) > 1)
         plan_log.info("%s", plan.describe())
         captured = capture_block_inputs(runner, blocks, batches, input_device, device, tuple_out, plan.activations,
                                         probe, offload_dir=offload_dir)
@@ -233,7 +252,7 @@ class BlockWalk:
 
 
 def _plan(block: nn.Module, prefix: str, names: dict[str, nn.Module], probe, batches, device: torch.device, kinds,
-          gpu_memory: int | None, max_memory: int | None) -> Plan:
+          gpu_memory: int | None, max_memory: int | None, prefetch: bool = False) -> Plan:
     """Size one block's work (block 0 stands for all) and place the activations within the budgets."""
     probe_hidden, probe_calls = probe
     mods = _block_modules(block, prefix, names)
@@ -242,7 +261,8 @@ def _plan(block: nn.Module, prefix: str, names: dict[str, nn.Module], probe, bat
     stats = sum(8 * w * w if "xtx" in kinds else 8 * w * len(kinds) for w in widths)
     solve = max((4 * i * i + 28 * o * i for o, i in (linear_shape(m) for m in mods.values())), default=0)
     weights = sum(p.numel() * p.element_size() for p in block.parameters())
-    needs = BlockNeeds(weights, stats, solve, activation_bytes(batches, probe_hidden.shape[-1], probe_hidden.dtype))
+    needs = BlockNeeds(weights, stats, solve, activation_bytes(batches, probe_hidden.shape[-1], probe_hidden.dtype),
+                       weights if prefetch else 0)
     gpu_budget = gpu_memory
     if device.type == "cuda" and gpu_budget is None:
         free, _ = torch.cuda.mem_get_info(device)
@@ -296,6 +316,8 @@ def record_statistics_by_block(model: nn.Module, batches: list, targets: dict[st
             block, prefix = walk.blocks[i], f"{walk.blocks_name}.{i}."
             if i > 0:
                 walk.placer.onload(i, block, prefix)
+            if i + 1 < len(walk.blocks):
+                walk.placer.prefetch(i + 1, walk.blocks[i + 1], f"{walk.blocks_name}.{i + 1}.")
             names = walk.by_block.get(i, {})
             calls = [c[i] for c in walk.captured.calls]
             if names:
@@ -312,5 +334,6 @@ def record_statistics_by_block(model: nn.Module, batches: list, targets: dict[st
         writer.abort()
         raise
     finally:
+        walk.placer.close()
         cache.close()
     return CalibrationStats.load(path, lazy=True)

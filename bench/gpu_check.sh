@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 17 in one call (device machine: torch + transformers preinstalled, no registry).
+# Wheels for llm-compressor and its missing dependencies travel in .whl/ (see bench/README.md).
+#   bash bench/gpu_check.sh OUTDIR
+set -u
+OUT=${1:-${OUT:-/tmp/qera-gpu-out}}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src:$PWD/bench:${PYTHONPATH:-}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, transformers; print(torch.__version__, torch.version.cuda, transformers.__version__)"; nproc; free -g | head -2; } 2>&1 | tee "$OUT/machine.txt"
+FORMATS=${FORMATS:-int4:group=128,mxint4}
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$OUT/test_cuda.txt" 2>&1; tail -3 "$OUT/test_cuda.txt"
+# llm-compressor logs through loguru on stdout: only the JSON lines go to memory.jsonl
+timeout 330 python3 bench/gpu_7b.py --device cuda --source memory --gpu-memory 24 --compare llmcompressor \
+  --formats "$FORMATS" --work /tmp/gpu7b >"$OUT/memory.log" 2>"$OUT/memory.err"
+grep '^{' "$OUT/memory.log" | tee "$OUT/memory.jsonl"; tail -c 1500 "$OUT/memory.err"
+timeout 170 python3 bench/gpu_7b.py --device cuda --source disk --formats int4:group=128 --gpu-memory 24 \
+  --work /tmp/gpu7b 2>"$OUT/disk.err" | tee "$OUT/disk.jsonl"
+tail -c 1500 "$OUT/disk.err"
