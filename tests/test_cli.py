@@ -140,3 +140,24 @@ def test_compare_peak_memory_does_not_grow_with_settings(tmp_path, text_file):
     six = peak("w-only,zeroquant-v2,qera-exact", "mxint4@4,mxint3@4")
     linear_bytes = 2 * (4 * 1024 * 1024 + 3 * 1024 * 2816) * 4
     assert six - one < linear_bytes, (one, six, linear_bytes)
+
+
+def test_quantize_with_gptq_rounding(tmp_path, capsys, model_dir, text_file):
+    """--rounding gptq: recorded in the checkpoint's config, lower output error before the low-rank term."""
+    errs = {}
+    for rounding in ("rtn", "gptq"):
+        code, out, err = run(capsys, "quantize", model_dir, "--format", "int4:group=32", "--method", "qera-exact",
+                             "--rank", 4, "--rounding", rounding, "--calib-text", text_file, "--calib-samples", 8,
+                             "--calib-seq-len", 32, "--out", tmp_path / rounding, "--no-progress",
+                             "--report", tmp_path / f"{rounding}.json")
+        assert code == 0, err
+        rep = json.loads((tmp_path / f"{rounding}.json").read_text())
+        assert rep["config"]["rounding"] == rounding
+        errs[rounding] = sum(l["output_error_before"] for l in rep["layers"])
+    assert errs["gptq"] < errs["rtn"]
+    code, out, err = run(capsys, "eval", tmp_path / "gptq", "--eval-text", text_file, "--seq-len", 64,
+                         "--max-windows", 2, "--json", "--no-progress")
+    assert code == 0 and json.loads(out)["perplexity"] > 1, err
+    code, out, err = run(capsys, "quantize", model_dir, "--rounding", "gptq", "--gptq-damp", "2",
+                         "--calib-text", text_file, "--out", tmp_path / "bad", "--no-progress")
+    assert code != 0 and "gptq_damp" in err and "(0, 1]" in err

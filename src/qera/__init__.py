@@ -10,6 +10,7 @@ from .formats import FORMATS, QuantizedWeight, WeightFormat, parse_format, quant
 from .linalg import SolverOptions, weighted_lowrank  # noqa: E402
 from .methods import METHODS, Reconstruction, get_method, quantize_and_reconstruct, reconstruct  # noqa: E402
 from .metrics import layer_output_error, weight_error  # noqa: E402
+from .rounding import ROUNDINGS, round_gptq  # noqa: E402
 from .statistics import ActivationStats, load_stats, save_stats  # noqa: E402
 from .statistics import CalibrationStats  # noqa: E402
 from .targets import find_targets  # noqa: E402
@@ -31,6 +32,8 @@ __all__ = [
     "QeraError",
     "FORMATS",
     "METHODS",
+    "ROUNDINGS",
+    "round_gptq",
     "QuantizedWeight",
     "WeightFormat",
     "parse_format",

@@ -17,6 +17,7 @@ from . import __version__
 from .errors import QeraError
 from .formats import FORMATS
 from .methods import METHODS
+from .rounding import ROUNDINGS
 
 log = logging.getLogger("qera.cli")
 
@@ -62,6 +63,9 @@ def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
     else:
         g.add_argument("--method", default="qera-exact", choices=METHODS.names())
     g.add_argument("--rank", type=int, default=32)
+    g.add_argument("--rounding", choices=ROUNDINGS.names(), default="rtn",
+                   help="how W̃ is rounded before the reconstruction: rtn (nearest) or gptq (error feedback through R)")
+    g.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(R) (default 0.01)")
     g.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="method option, e.g. iters=5 (repeatable)")
     g.add_argument("--rank-override", action="append", metavar="REGEX=RANK", help="per-layer rank (repeatable)")
     g.add_argument("--include", action="append", metavar="REGEX", help="target module regex (repeatable)")
@@ -165,6 +169,7 @@ def _config(args, fmt: str, method: str, rank: int):
     kw: dict[str, Any] = dict(format=fmt, method=method, rank=rank, seed=args.seed,
                               pipeline=getattr(args, "pipeline", "oneshot"), propagate=getattr(args, "propagate", "fp"),
                               stats_precision=getattr(args, "stats_precision", "mixed"),
+                              rounding=getattr(args, "rounding", "rtn"), gptq_damp=getattr(args, "gptq_damp", 0.01),
                               method_options=_key_values(args.method_opt, "--method-opt"),
                               rank_overrides={k: int(v) for k, v in _key_values(args.rank_override, "--rank-override").items()})
     if args.include:

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from .errors import QeraError
 from .formats import parse_format
 from .methods import METHODS, get_method
+from .rounding import ROUNDINGS
 from .statistics import STATS_PRECISIONS
 from .targets import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, compile_patterns
 
@@ -38,6 +39,9 @@ class QuantConfig:
     propagate: with ``sequential``, the next block's inputs are the outputs of the original block
         (``fp``, same result as one-shot) or of the quantized block (``quantized``, as GPTQ does).
     stats_precision: ``mixed`` (float32 chunk sums, tensor cores for bf16 on a GPU) or ``float64``.
+    rounding: how ``W̃`` is placed on the grid before the reconstruction: ``rtn`` (round to
+        nearest) or ``gptq`` (column by column with error feedback through ``R``; needs ``Σxᵀx``).
+    gptq_damp: GPTQ's damping, as a fraction of the mean diagonal of ``R`` (0 < damp ≤ 1).
     """
 
     format: str = "mxint4"
@@ -52,6 +56,8 @@ class QuantConfig:
     pipeline: str = "oneshot"
     propagate: str = "fp"
     stats_precision: str = "mixed"
+    rounding: str = "rtn"
+    gptq_damp: float = 0.01
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -84,6 +90,12 @@ class QuantConfig:
             raise QeraError(f"propagate must be one of {', '.join(PROPAGATE)}, got {self.propagate!r}")
         if self.stats_precision not in STATS_PRECISIONS:
             raise QeraError(f"stats_precision must be one of {', '.join(STATS_PRECISIONS)}, got {self.stats_precision!r}")
+        if self.rounding not in ROUNDINGS.names():
+            raise QeraError(f"rounding must be one of {', '.join(ROUNDINGS.names())}, got {self.rounding!r}")
+        if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) \
+                or not 0 < self.gptq_damp <= 1:
+            raise QeraError(f"gptq_damp must be a number in (0, 1], got {self.gptq_damp!r}")
+        self.gptq_damp = float(self.gptq_damp)
         if self.propagate == "quantized" and self.pipeline == "oneshot":
             raise QeraError("propagate='quantized' needs pipeline='sequential' (or 'auto')")
         if self.version != CONFIG_VERSION:

@@ -19,6 +19,7 @@ from .errors import QeraError, where
 from .formats import QuantizedWeight, parse_format
 from .methods import Reconstruction, get_method
 from .report import LayerReport
+from .rounding import ROUNDINGS
 from .statistics import ActivationStats, provided
 from .targets import linear_shape, linear_weight
 
@@ -98,7 +99,15 @@ class LayerQuantizer:
 
     @property
     def needs(self) -> frozenset[str]:
-        return frozenset(self.method.needs)
+        """Statistics the step reads: the method's, plus ``Σxᵀx`` for GPTQ rounding."""
+        return frozenset(self.method.needs) | (frozenset({"xtx"}) if self.config.rounding == "gptq" else frozenset())
+
+    def round(self, name: str, W: torch.Tensor, stats: ActivationStats | None) -> QuantizedWeight:
+        """The rounding stage: ``W̃`` on the format's grid (RTN, or GPTQ with the layer's ``R``)."""
+        if self.config.rounding == "rtn" or stats is None or stats.count == 0:
+            return self.fmt.quantize(W, name)  # no tokens reached the layer: GPTQ has nothing to weigh by
+        R = stats.autocorrelation(torch.float64).to(W.device)
+        return ROUNDINGS.get(self.config.rounding)(W, self.fmt, R, name=name, damp=self.config.gptq_damp)
 
     def rank_for(self, name: str) -> int:
         return self.config.rank_for(name) if self.method.uses_rank else 0
@@ -111,7 +120,7 @@ class LayerQuantizer:
             raise QeraError(
                 f"rank must be an integer in 1..{min(out_f, in_f)} for a {out_f}x{in_f} weight, got {rank}{where(name)}"
             )
-        if rank == 0 or not self.needs:
+        if (rank == 0 and self.config.rounding == "rtn") or not self.needs:
             return
         if stats is not None and stats.count == 0:
             return  # no tokens reached this layer (a rarely routed expert): the solve falls back, see __call__
@@ -129,7 +138,7 @@ class LayerQuantizer:
         W = linear_weight(module).detach()
         rank = self.rank_for(name)
         t0 = time.perf_counter()
-        q0 = self.fmt.quantize(W, name)
+        q0 = self.round(name, W, stats)
         note = None
         if rank == 0:  # w-only, or a rank override of 0: quantization alone
             w_q = q0.dequantize(torch.float32)

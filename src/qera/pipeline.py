@@ -42,6 +42,8 @@ __all__ = [
 def stats_kinds_for(config: QuantConfig, report_output_error: bool = False) -> frozenset[str]:
     """Statistics a run collects: what the method needs, plus ``xtx`` for output-error reports."""
     kinds = set(METHODS.get(config.method).needs)
+    if config.rounding == "gptq":
+        kinds.add("xtx")
     if report_output_error:
         kinds.add("xtx")
     return frozenset(kinds)

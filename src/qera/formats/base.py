@@ -109,13 +109,52 @@ class WeightFormat(ABC):
     def bits_per_weight(self) -> float:
         """Storage bits per weight including scales, for a width that is a whole number of blocks."""
 
+    # Every format is "fit the parameters of each group, then round each value with them", so
+    # GPTQ-style rounding (qera.rounding) can fit a group's parameters once and round column by column.
+    @property
     @abstractmethod
-    def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Quantize ``w`` (any shape, float) and return the stored tensors (packed codes, scales)."""
+    def group_width(self) -> int:
+        """Consecutive values along the last dimension that share one set of parameters."""
 
     @abstractmethod
+    def fit(self, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Parameters (as stored, e.g. fp16 scales) of each group of ``blocks`` ``(rows, groups, width)``;
+        each tensor has shape ``(rows, groups)``."""
+
+    @abstractmethod
+    def codes(self, blocks: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Integer codes ``(rows, groups, n)`` of values ``blocks`` ``(rows, groups, n)`` under ``params``
+        ``(rows, groups)``; ``n`` may be less than the group width (a column at a time)."""
+
+    @abstractmethod
+    def values(self, codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The float32 values of ``codes`` ``(rows, groups, n)`` under ``params`` ``(rows, groups)``."""
+
+    def round_to_grid(self, blocks: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Nearest representable values of ``blocks`` ``(rows, groups, n)`` under fixed ``params``."""
+        return self.values(self.codes(blocks, params), params)
+
+    def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Quantize ``w`` (any shape, float) and return the stored tensors (packed codes, parameters)."""
+        blocks, _ = as_rows(w, self.group_width)
+        return self.encode_with(blocks, self.fit(blocks))
+
+    def encode_with(self, blocks: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Stored tensors of ``blocks`` ``(rows, groups, width)`` rounded under given ``params``."""
+        from .packing import pack_bits
+
+        return {"codes": pack_bits(self.codes(blocks, params), self.bits), **params}
+
     def decode(self, tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
         """Dequantize stored tensors back to a float32 tensor of ``shape``."""
+        from .packing import unpack_bits
+
+        params = {k: v for k, v in tensors.items() if k != "codes"}
+        rows, groups = next(iter(params.values())).shape
+        codes = unpack_bits(tensors["codes"], self.bits, rows * groups * self.group_width)
+        out = self.values(codes.view(rows, groups, self.group_width), params)
+        cols = shape[-1] if len(shape) else 1
+        return from_rows(out, shape, cols)
 
     @abstractmethod
     def stored_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import QeraError
-from .base import FORMATS, WeightFormat, as_rows, block_grid, from_rows
-from .packing import pack_bits, packed_nbytes, unpack_bits
+from .base import FORMATS, WeightFormat, block_grid
+from .packing import packed_nbytes
 
 
 def _fp16_param(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -52,21 +52,32 @@ class IntFormat(WeightFormat):
     def bits_per_weight(self) -> float:
         return self.bits + (32 if self.asym else 16) / self.group
 
-    def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        blocks, _ = as_rows(w, self.group)  # (rows, ng, group)
+    @property
+    def group_width(self) -> int:
+        return self.group
+
+    def fit(self, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.asym:
-            qmax = (1 << self.bits) - 1
             lo = _fp16_param(blocks.amin(dim=-1), "minimum")
             span = blocks.amax(dim=-1) - lo.float()
-            scale = _fp16_param(span / qmax, "scale")
-            s = torch.where(scale.float() > 0, scale.float(), torch.ones_like(span)).unsqueeze(-1)
-            q = torch.round((blocks - lo.float().unsqueeze(-1)) / s).clamp_(0, qmax)
-            return {"codes": pack_bits(q.to(torch.int64), self.bits), "scales": scale, "mins": lo}
+            return {"scales": _fp16_param(span / ((1 << self.bits) - 1), "scale"), "mins": lo}
+        return {"scales": _fp16_param(blocks.abs().amax(dim=-1) / ((1 << (self.bits - 1)) - 1), "scale")}
+
+    def codes(self, blocks: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        scale = params["scales"].float()
+        s = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
+        if self.asym:
+            qmax = (1 << self.bits) - 1
+            return torch.round((blocks - params["mins"].float().unsqueeze(-1)) / s).clamp_(0, qmax).to(torch.int64)
         qmax = (1 << (self.bits - 1)) - 1
-        scale = _fp16_param(blocks.abs().amax(dim=-1) / qmax, "scale")
-        s = torch.where(scale.float() > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
-        q = torch.round(blocks / s.unsqueeze(-1)).clamp_(-qmax, qmax)
-        return {"codes": pack_bits((q + qmax).to(torch.int64), self.bits), "scales": scale}
+        return (torch.round(blocks / s).clamp_(-qmax, qmax) + qmax).to(torch.int64)
+
+    def values(self, codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        q = codes.to(torch.float32)
+        scale = params["scales"].float().unsqueeze(-1)
+        if self.asym:
+            return params["mins"].float().unsqueeze(-1) + scale * q
+        return scale * (q - ((1 << (self.bits - 1)) - 1))
 
     def stored_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         rows, ng = block_grid(shape, self.group)
@@ -75,15 +86,3 @@ class IntFormat(WeightFormat):
         if self.asym:
             out["mins"] = ((rows, ng), torch.float16)
         return out
-
-    def decode(self, tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
-        scale = tensors["scales"].float()  # (rows, ng)
-        rows, ng = scale.shape
-        q = unpack_bits(tensors["codes"], self.bits, rows * ng * self.group)
-        q = q.view(rows, ng, self.group).to(torch.float32)
-        if self.asym:
-            out = tensors["mins"].float().unsqueeze(-1) + scale.unsqueeze(-1) * q
-        else:
-            out = scale.unsqueeze(-1) * (q - ((1 << (self.bits - 1)) - 1))
-        cols = shape[-1] if len(shape) else 1
-        return from_rows(out, shape, cols)

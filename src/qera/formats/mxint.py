@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import QeraError
-from .base import FORMATS, WeightFormat, as_rows, block_grid, from_rows
-from .packing import pack_bits, packed_nbytes, unpack_bits
+from .base import FORMATS, WeightFormat, block_grid
+from .packing import packed_nbytes
 
 EXP_BIAS = 127
 
@@ -47,32 +47,32 @@ class MXIntFormat(WeightFormat):
     def max_level(self) -> int:
         return (1 << (self.bits - 1)) - 1
 
-    def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        blocks, _ = as_rows(w, self.block)  # (rows, nb, block)
+    @property
+    def group_width(self) -> int:
+        return self.block
+
+    def fit(self, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
         amax = blocks.abs().amax(dim=-1)  # (rows, nb)
         _, e = torch.frexp(amax)  # amax = m * 2**e, m in [0.5, 1)
         exp = torch.where(amax > 0, e - 1, torch.full_like(e, -EXP_BIAS)).clamp(-EXP_BIAS, EXP_BIAS)
-        scale = torch.ldexp(torch.ones_like(amax), exp - (self.bits - 2)).unsqueeze(-1)
-        k = torch.round(blocks.abs() / scale).clamp_(0, self.max_level)
+        return {"exponents": (exp + EXP_BIAS).to(torch.uint8)}
+
+    def _scale(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        exps = params["exponents"].to(torch.int32) - EXP_BIAS
+        return torch.ldexp(torch.ones(exps.shape, device=exps.device), exps - (self.bits - 2)).unsqueeze(-1)
+
+    def codes(self, blocks: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        k = torch.round(blocks.abs() / self._scale(params)).clamp_(0, self.max_level)
         sign = ((blocks < 0) & (k > 0)).to(torch.int64)
-        codes = (sign << (self.bits - 1)) | k.to(torch.int64)
-        return {
-            "codes": pack_bits(codes, self.bits),
-            "exponents": (exp + EXP_BIAS).to(torch.uint8),
-        }
+        return (sign << (self.bits - 1)) | k.to(torch.int64)
+
+    def values(self, codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        codes = codes.to(torch.int32)
+        k = (codes & self.max_level).to(torch.float32)
+        sign = 1.0 - 2.0 * (codes >> (self.bits - 1)).to(torch.float32)
+        return sign * k * self._scale(params)
 
     def stored_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         rows, nb = block_grid(shape, self.block)
         return {"codes": ((packed_nbytes(rows * nb * self.block, self.bits),), torch.uint8),
                 "exponents": ((rows, nb), torch.uint8)}
-
-    def decode(self, tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
-        exps = tensors["exponents"].to(torch.int32) - EXP_BIAS  # (rows, nb)
-        rows, nb = exps.shape
-        codes = unpack_bits(tensors["codes"], self.bits, rows * nb * self.block)
-        codes = codes.view(rows, nb, self.block).to(torch.int32)
-        k = (codes & self.max_level).to(torch.float32)
-        sign = 1.0 - 2.0 * (codes >> (self.bits - 1)).to(torch.float32)
-        scale = torch.ldexp(torch.ones(exps.shape, device=exps.device), exps - (self.bits - 2))
-        cols = shape[-1] if len(shape) else 1
-        return from_rows(sign * k * scale.unsqueeze(-1), shape, cols)

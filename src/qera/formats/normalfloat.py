@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import QeraError
-from .base import FORMATS, WeightFormat, as_rows, block_grid, from_rows
-from .packing import pack_bits, packed_nbytes, unpack_bits
+from .base import FORMATS, WeightFormat, block_grid
+from .packing import packed_nbytes
 
 
 @lru_cache(maxsize=None)
@@ -54,28 +54,28 @@ class NFFormat(WeightFormat):
     def bits_per_weight(self) -> float:
         return self.bits + 16 / self.block
 
-    def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        blocks, _ = as_rows(w, self.block)
+    @property
+    def group_width(self) -> int:
+        return self.block
+
+    def fit(self, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
         absmax = blocks.abs().amax(dim=-1).to(torch.float16)
         if not torch.isfinite(absmax).all():
             raise QeraError("nf format: block absmax overflows fp16 (|value| > 65504)")
-        s = absmax.float()
+        return {"absmax": absmax}
+
+    def codes(self, blocks: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        s = params["absmax"].float()
         s = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-1)
         levels = nf_levels(self.bits).to(blocks.device)
         mids = (levels[1:] + levels[:-1]) / 2
-        idx = torch.bucketize((blocks / s).clamp_(-1, 1), mids)
-        return {"codes": pack_bits(idx, self.bits), "absmax": absmax}
+        return torch.bucketize((blocks / s).clamp_(-1, 1), mids)
+
+    def values(self, codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        levels = nf_levels(self.bits).to(codes.device)
+        return levels[codes.long()] * params["absmax"].float().unsqueeze(-1)
 
     def stored_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         rows, nb = block_grid(shape, self.block)
         return {"codes": ((packed_nbytes(rows * nb * self.block, self.bits),), torch.uint8),
                 "absmax": ((rows, nb), torch.float16)}
-
-    def decode(self, tensors: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
-        absmax = tensors["absmax"].float()
-        rows, nb = absmax.shape
-        idx = unpack_bits(tensors["codes"], self.bits, rows * nb * self.block).view(rows, nb, self.block)
-        levels = nf_levels(self.bits).to(absmax.device)
-        out = levels[idx.long()] * absmax.unsqueeze(-1)
-        cols = shape[-1] if len(shape) else 1
-        return from_rows(out, shape, cols)

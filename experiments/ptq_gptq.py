@@ -1,0 +1,84 @@
+"""SmolLM2-135M: GPTQ rounding against round-to-nearest, alone (w-only) and under qera-exact.
+
+Same protocol as the README's PTQ table: calibration 128 x 512 tokens of WikiText-2 valid (seed 0),
+perplexity on the first 40 windows of 512 tokens of WikiText-2 raw test. One calibration pass
+(Σxᵀx of every layer) serves every run; each run quantizes the model in place, is evaluated and
+restored.
+
+    python experiments/ptq_gptq.py [--settings mxint3@8,mxint4@8,mxint3@64] [--out runs/ptq_gptq]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from qera import QuantConfig, collect_statistics, find_targets, load_model, perplexity, quantize_model
+from qera.atomic import write_json
+from qera.data import calibration_batches, load_text
+from qera.targets import replace_module
+
+DATA = Path(os.environ.get("QERA_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--settings", default="mxint3@8,mxint4@8,mxint3@64")
+    ap.add_argument("--out", default="runs/ptq_gptq")
+    args = ap.parse_args()
+    model, tok = load_model(args.model)
+    calib = calibration_batches(tok, load_text(str(DATA / "wikitext-2" / "wiki.valid.tokens"), "calibration"),
+                                n_samples=128, seq_len=512, seed=0, batch_size=8)
+    text = load_text(str(DATA / "wikitext-2-raw" / "wiki.test.raw"), "evaluation")
+
+    def ppl() -> float:
+        return perplexity(model, tok, text, seq_len=512, max_windows=40, progress=False).perplexity
+
+    out = Path(args.out)
+    rows = [{"method": "fp32", "perplexity": ppl()}]
+    t0 = time.perf_counter()
+    stats = collect_statistics(model, calib, list(find_targets(model)), ("xtx",), progress=False)
+    calib_s = time.perf_counter() - t0
+    runs = []
+    for setting in args.settings.split(","):
+        fmt, rank = setting.split("@")
+        if ("w-only", fmt, 0) not in [(m, f, r) for m, f, r, _ in runs]:
+            runs += [("w-only", fmt, 0, rd) for rd in ("rtn", "gptq")]
+        runs += [("qera-exact", fmt, int(rank), rd) for rd in ("rtn", "gptq")]
+    for method, fmt, rank, rounding in runs:
+        cfg = QuantConfig(format=fmt, method=method, rank=rank, rounding=rounding)
+        originals = dict(find_targets(model, cfg.include, cfg.exclude))
+        t1 = time.perf_counter()
+        try:
+            rep = quantize_model(model, cfg, stats=stats, progress=False)
+            seconds = time.perf_counter() - t1
+            p = ppl()
+        finally:
+            for name, mod in originals.items():
+                replace_module(model, name, mod)
+        q = rep.quality()
+        rows.append({"method": method, "format": fmt, "rank": rank, "rounding": rounding, "perplexity": p,
+                     "bits_total": q["bits_total"], "mean_output_error_ratio": q["mean_output_error_ratio"],
+                     "solve_seconds": seconds})
+        print(json.dumps(rows[-1]), flush=True)
+        write_json(out / "results.json", {"model": args.model, "calibration_seconds": calib_s, "rows": rows})
+    print("\n| method | format | rank | RTN | GPTQ | solve s (RTN / GPTQ) |")
+    print("|---|---|---:|---:|---:|---:|")
+    done = set()
+    for r in rows[1:]:
+        key = (r["method"], r["format"], r["rank"])
+        if key in done:
+            continue
+        done.add(key)
+        pair = {x["rounding"]: x for x in rows[1:] if (x["method"], x["format"], x["rank"]) == key}
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {pair['rtn']['perplexity']:.2f} | {pair['gptq']['perplexity']:.2f} "
+              f"| {pair['rtn']['solve_seconds']:.0f} / {pair['gptq']['solve_seconds']:.0f} |")
+    print(f"(fp32: {rows[0]['perplexity']:.2f}; one calibration pass, {calib_s:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

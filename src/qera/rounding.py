@@ -1,0 +1,105 @@
+"""The rounding stage: how ``W̃`` is placed on the format's grid before the low-rank reconstruction.
+
+- ``rtn``: round to nearest; each group's parameters are fitted to its own values.
+- ``gptq``: GPTQ (Frantar et al., 2023). Columns are rounded in order. A group's parameters are
+  fitted when the sweep enters the group, on the weights as updated so far. Each column's rounding
+  error is fed into the columns not yet rounded through the upper Cholesky factor ``U`` of
+  ``H⁻¹``, with ``H = R + λ·mean(diag R)·I``. It greedily lowers the layer output error
+  ``trace((W − W̃) R (W − W̃)ᵀ)``. ``R = E[xᵀx]`` is the statistic qera-exact already uses, so a
+  better ``W̃`` costs no extra calibration.
+
+Every format supplies ``fit`` (a group's parameters), ``codes``/``values`` (rounding under given
+parameters), so GPTQ works for each of them. The packed result decodes to exactly the rounded values.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from ._registry import Registry
+from .errors import QeraError, where
+from .formats import QuantizedWeight, WeightFormat
+from .formats.base import check_weight
+
+log = logging.getLogger(__name__)
+
+Rounding = Callable[..., QuantizedWeight]
+ROUNDINGS: Registry[Rounding] = Registry("rounding")
+LAZY_COLUMNS = 128  # columns rounded between two updates of the rest of the matrix (a multiple of the group)
+
+
+@ROUNDINGS.register("rtn")
+def round_nearest(W: torch.Tensor, fmt: WeightFormat, R: torch.Tensor | None = None, name: str | None = None,
+                  **_: object) -> QuantizedWeight:
+    """Round to nearest; ``R`` is not used."""
+    return fmt.quantize(W, name)
+
+
+def inverse_hessian_factor(R: torch.Tensor, damp: float, name: str | None = None) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(R + λ·mean(diag R)·I)⁻¹`` in float64, shape ``(in, in)``.
+
+    Channels no token reached (zero diagonal) get a unit diagonal. If the damped matrix is still
+    not positive definite, the damping grows tenfold (at most four times) with a warning.
+    """
+    H = R.to(torch.float64).clone()
+    H = (H + H.T) / 2
+    diag = torch.diagonal(H)
+    dead = diag <= 0
+    if bool(dead.any()):
+        H[dead, dead] = 1.0
+    mean = float(torch.diagonal(H).mean())
+    lam = damp
+    for attempt in range(5):
+        L, info = torch.linalg.cholesky_ex(H + lam * mean * torch.eye(H.shape[0], dtype=H.dtype, device=H.device))
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                if attempt:
+                    log.warning("gptq%s: R + %.3g·mean(diag)·I needed for a Cholesky factor (asked %.3g)",
+                                where(name), lam, damp)
+                return U
+        lam *= 10
+    raise QeraError(f"gptq: the autocorrelation is not positive definite even with damping {lam / 10:.3g}{where(name)}")
+
+
+@ROUNDINGS.register("gptq")
+def round_gptq(W: torch.Tensor, fmt: WeightFormat, R: torch.Tensor | None = None, name: str | None = None,
+               damp: float = 0.01, **_: object) -> QuantizedWeight:
+    """GPTQ rounding of ``W`` ``(out, in)`` under input autocorrelation ``R`` ``(in, in)``; see the module docstring."""
+    if R is None:
+        raise QeraError(f"gptq rounding needs the input autocorrelation (Σxᵀx statistics){where(name)}")
+    check_weight(W, name)
+    if W.dim() != 2 or R.shape != (W.shape[1], W.shape[1]):
+        raise QeraError(f"gptq: weight {tuple(W.shape)} and autocorrelation {tuple(R.shape)} do not fit{where(name)}")
+    out_f, in_f = W.shape
+    g = fmt.group_width
+    n = -(-in_f // g) * g  # padded to whole groups, like the formats' own encoding
+    U = torch.eye(n, dtype=torch.float64, device=W.device)
+    U[:in_f, :in_f] = inverse_hessian_factor(R.to(W.device), damp, name)
+    U = U.to(torch.float32)
+    Wp = torch.zeros(out_f, n, dtype=torch.float32, device=W.device)
+    Wp[:, :in_f] = W.detach().to(torch.float32)
+    Q = torch.empty_like(Wp)
+    params: list[dict[str, torch.Tensor]] = []
+    step = g * max(1, LAZY_COLUMNS // g)  # groups never straddle two lazy blocks
+    for b0 in range(0, n, step):
+        b1 = min(b0 + step, n)
+        W1 = Wp[:, b0:b1].clone()
+        err = torch.zeros_like(W1)
+        for j in range(b1 - b0):
+            if j % g == 0:  # entering a group: fit on the weights as updated so far
+                params.append(fmt.fit(W1[:, j:j + g].unsqueeze(1)))
+            w = W1[:, j]
+            q = fmt.round_to_grid(w.view(-1, 1, 1), params[-1]).view(-1)
+            Q[:, b0 + j] = q
+            e = (w - q) / U[b0 + j, b0 + j]
+            W1[:, j:] -= e.unsqueeze(1) * U[b0 + j, b0 + j:b1].unsqueeze(0)
+            err[:, j] = e
+        Wp[:, b1:] -= err @ U[b0:b1, b1:]
+    stacked = {k: torch.cat([p[k] for p in params], dim=1) for k in params[0]}
+    tensors = fmt.encode_with(Q.view(out_f, n // g, g), stacked)
+    return QuantizedWeight(fmt=fmt, shape=(out_f, in_f), dtype=W.dtype, tensors=tensors)
