@@ -1,11 +1,12 @@
-"""SmolLM2-135M: GPTQ rounding against round-to-nearest, alone (w-only) and under qera-exact.
+"""SmolLM2-135M: GPTQ rounding against round-to-nearest, alone (w-only), under qera-exact and qera-iter.
 
 Same protocol as the README's PTQ table: calibration 128 x 512 tokens of WikiText-2 valid (seed 0),
 perplexity on the first 40 windows of 512 tokens of WikiText-2 raw test. One calibration pass
 (Σxᵀx of every layer) serves every run; each run quantizes the model in place, is evaluated and
 restored.
 
-    python experiments/ptq_gptq.py [--settings mxint3@8,mxint4@8,mxint3@64] [--out runs/ptq_gptq]
+    python experiments/ptq_gptq.py [--settings mxint3@8,mxint4@8,mxint3@64] [--methods w-only,qera-exact,qera-iter]
+        [--out runs/ptq_gptq]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--settings", default="mxint3@8,mxint4@8,mxint3@64")
+    ap.add_argument("--methods", default="w-only,qera-exact,qera-iter")
     ap.add_argument("--out", default="runs/ptq_gptq")
     args = ap.parse_args()
     model, tok = load_model(args.model)
@@ -44,11 +46,12 @@ def main() -> None:
     stats = collect_statistics(model, calib, list(find_targets(model)), ("xtx",), progress=False)
     calib_s = time.perf_counter() - t0
     runs = []
+    methods = args.methods.split(",")
     for setting in args.settings.split(","):
         fmt, rank = setting.split("@")
-        if ("w-only", fmt, 0) not in [(m, f, r) for m, f, r, _ in runs]:
-            runs += [("w-only", fmt, 0, rd) for rd in ("rtn", "gptq")]
-        runs += [("qera-exact", fmt, int(rank), rd) for rd in ("rtn", "gptq")]
+        for method in methods:
+            r = 0 if method == "w-only" else int(rank)
+            runs += [(method, fmt, r, rd) for rd in ("rtn", "gptq") if (method, fmt, r, rd) not in runs]
     for method, fmt, rank, rounding in runs:
         cfg = QuantConfig(format=fmt, method=method, rank=rank, rounding=rounding)
         originals = dict(find_targets(model, cfg.include, cfg.exclude))
@@ -66,6 +69,8 @@ def main() -> None:
                      "solve_seconds": seconds})
         print(json.dumps(rows[-1]), flush=True)
         write_json(out / "results.json", {"model": args.model, "calibration_seconds": calib_s, "rows": rows})
+    if len(rows) == 1:
+        return
     print("\n| method | format | rank | RTN | GPTQ | solve s (RTN / GPTQ) |")
     print("|---|---|---:|---:|---:|---:|")
     done = set()

@@ -104,8 +104,12 @@ class QuantConfig:
 
     def solver_options(self) -> dict[str, Any]:
         opts = dict(self.method_options)
-        if METHODS.get(self.method).uses_rank:
+        method = METHODS.get(self.method)
+        if method.uses_rank:
             opts.setdefault("seed", self.seed)
+        if "rounding" in method.option_names:  # a method that re-rounds (qera-iter) rounds like the run
+            opts.setdefault("rounding", self.rounding)
+            opts.setdefault("gptq_damp", self.gptq_damp)
         return opts
 
     def rank_for(self, name: str) -> int:

@@ -190,3 +190,16 @@ def psd_factor(R: torch.Tensor, floor: float = 1e-10, name: str | None = None) -
         f" of {name}" if name else "", n_floored, vals.numel(), level,
     )
     return vecs * vals.clamp_min(level).sqrt()[None, :]
+
+
+def weighted_error(D: torch.Tensor, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor, rows: int = 1024) -> float:
+    """``trace(E R Eᵀ)`` with ``E = D − B A``, a block of rows at a time (float64 sums)."""
+    dtype = R.dtype
+    Ac, Bc = A.to(D.device, dtype), B.to(D.device, dtype)
+    total = 0.0
+    for r in range(0, D.shape[0], rows):
+        E = D[r:r + rows].to(dtype)
+        if A.numel():
+            E = E - Bc[r:r + rows] @ Ac
+        total += float(((E @ R) * E).sum(dtype=torch.float64))
+    return total

@@ -12,9 +12,11 @@ from typing import ClassVar
 
 import torch
 
-from ..linalg import weighted_lowrank
+from ..errors import QeraError, where
+from ..formats import QuantizedWeight, WeightFormat
+from ..linalg import weighted_error, weighted_lowrank
 from ..statistics import ActivationStats
-from .base import METHODS, Method
+from .base import METHODS, Method, Reconstruction
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +86,52 @@ class QERAExact(Method):
         if self.damp:
             diag.add_(self.damp * mean_diag)  # R is our own copy
         return weighted_lowrank(D, rank, autocorr=R, opts=self.solver)
+
+
+@METHODS.register("qera-iter")
+class QERAIter(QERAExact):
+    """LoftQ's alternation under the *output* error: ``W̃ = round(W − BA)``, ``BA = qera-exact(W − W̃)``.
+
+    Options: ``iters`` (default 4; iteration 1 is qera-exact on the given ``W̃``), ``rounding``
+    (``rtn`` or ``gptq``; the run's rounding by default), ``gptq_damp``. Each iterate is scored by
+    ``trace(E R Eᵀ)`` with ``E = W − W̃ − BA`` and the best is returned, so the result is never worse
+    than one-shot qera-exact on the same first ``W̃``.
+    """
+
+    name = "qera-iter"
+    option_names = QERAExact.option_names | {"iters", "rounding", "gptq_damp"}
+
+    def __init__(self, iters: int = 4, rounding: str = "rtn", gptq_damp: float = 0.01, **options) -> None:
+        super().__init__(**options)
+        from ..rounding import ROUNDINGS
+
+        if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+            raise QeraError(f"qera-iter: iters must be a positive integer, got {iters!r}")
+        if rounding not in ROUNDINGS.names():
+            raise QeraError(f"qera-iter: rounding must be one of {', '.join(ROUNDINGS.names())}, got {rounding!r}")
+        self.iters, self.rounding, self.gptq_damp = iters, rounding, float(gptq_damp)
+        self.options.update(iters=iters, rounding=rounding, gptq_damp=self.gptq_damp)
+
+    def solve_path(self, W, qweight, rank, stats=None, fmt: WeightFormat | None = None, name=None):
+        """Yield ``(reconstruction, objective)`` for each iterate."""
+        from ..rounding import ROUNDINGS
+
+        if fmt is None:
+            if not isinstance(qweight, QuantizedWeight):
+                raise QeraError(f"qera-iter re-rounds the weight: pass a QuantizedWeight or fmt={where(name)}")
+            fmt = qweight.fmt
+        W32 = W.detach().to(torch.float32)
+        R = stats.autocorrelation(torch.float64).to(W.device)
+        rec = super().solve(W, qweight, rank, stats, fmt, name)
+        yield rec, weighted_error(W32 - rec.w_q, rec.A, rec.B, R)
+        for _ in range(self.iters - 1):
+            qw = ROUNDINGS.get(self.rounding)(W32 - rec.B @ rec.A, fmt, R, name=name, damp=self.gptq_damp)
+            rec = super().solve(W, qw, rank, stats, fmt, name)
+            yield rec, weighted_error(W32 - rec.w_q, rec.A, rec.B, R)
+
+    def solve(self, W, qweight, rank, stats=None, fmt: WeightFormat | None = None, name=None) -> Reconstruction:
+        best, best_obj = None, float("inf")
+        for rec, obj in self.solve_path(W, qweight, rank, stats, fmt, name):
+            if obj < best_obj:
+                best, best_obj = rec, obj
+        return best
