@@ -66,6 +66,8 @@ def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
     g.add_argument("--rounding", choices=ROUNDINGS.names(), default="rtn",
                    help="how W̃ is rounded before the reconstruction: rtn (nearest) or gptq (error feedback through R)")
     g.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(R) (default 0.01)")
+    g.add_argument("--act-format", default=None,
+                   help="also quantize the quantized GEMM's input, e.g. mxint8 (LQER's W4A8); low-rank branch stays high precision")
     g.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="method option, e.g. iters=5 (repeatable)")
     g.add_argument("--rank-override", action="append", metavar="REGEX=RANK", help="per-layer rank (repeatable)")
     g.add_argument("--include", action="append", metavar="REGEX", help="target module regex (repeatable)")
@@ -170,6 +172,7 @@ def _config(args, fmt: str, method: str, rank: int):
                               pipeline=getattr(args, "pipeline", "oneshot"), propagate=getattr(args, "propagate", "fp"),
                               stats_precision=getattr(args, "stats_precision", "mixed"),
                               rounding=getattr(args, "rounding", "rtn"), gptq_damp=getattr(args, "gptq_damp", 0.01),
+                              act_format=getattr(args, "act_format", None),
                               method_options=_key_values(args.method_opt, "--method-opt"),
                               rank_overrides={k: int(v) for k, v in _key_values(args.rank_override, "--rank-override").items()})
     if args.include:

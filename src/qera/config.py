@@ -42,6 +42,8 @@ class QuantConfig:
     rounding: how ``W̃`` is placed on the grid before the reconstruction: ``rtn`` (round to
         nearest) or ``gptq`` (column by column with error feedback through ``R``; needs ``Σxᵀx``).
     gptq_damp: GPTQ's damping, as a fraction of the mean diagonal of ``R`` (0 < damp ≤ 1).
+    act_format: quantize the input of each quantized GEMM too (e.g. ``mxint8`` for LQER's W4A8);
+        the low-rank branch keeps the high-precision input. None: weights only.
     """
 
     format: str = "mxint4"
@@ -58,10 +60,13 @@ class QuantConfig:
     stats_precision: str = "mixed"
     rounding: str = "rtn"
     gptq_damp: float = 0.01
+    act_format: str | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         self.format = str(parse_format(self.format))
+        if self.act_format is not None:
+            self.act_format = str(parse_format(self.act_format))
         method_cls = METHODS.get(self.method)  # raises with the known names
         uses_rank = method_cls.uses_rank
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:

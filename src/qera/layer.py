@@ -191,11 +191,13 @@ class LayerSink(Protocol):
     def __call__(self, name: str, module: nn.Module, result: LayerResult) -> nn.Module: ...
 
 
-def ptq_sink(lowrank_dtype: torch.dtype, cache_weight: bool = True) -> Callable[[str, nn.Module, LayerResult], nn.Module]:
-    """The PTQ sink: ``QERALinear(W̃, A, B)`` on the layer's device, A/B stored in ``lowrank_dtype``."""
+def ptq_sink(lowrank_dtype: torch.dtype, cache_weight: bool = True,
+             act_format: str | None = None) -> Callable[[str, nn.Module, LayerResult], nn.Module]:
+    """The PTQ sink: ``QERALinear(W̃, A, B)`` on the layer's device, A/B stored in ``lowrank_dtype``
+    (``act_format``: the quantized GEMM's input is fake-quantized, e.g. ``mxint8`` for W4A8)."""
     from .modules import QERALinear
 
     def sink(name: str, module: nn.Module, result: LayerResult) -> nn.Module:
-        return QERALinear.from_result(module, result, lowrank_dtype, cache_weight)
+        return QERALinear.from_result(module, result, lowrank_dtype, cache_weight, act_format=act_format)
 
     return sink

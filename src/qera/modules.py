@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .activations import fake_quantize_activations
 from .formats import QuantizedWeight, WeightFormat, parse_format
 from .methods import Reconstruction
 from .targets import linear_weight
@@ -32,6 +33,7 @@ class QERALinear(nn.Module):
         bias: torch.Tensor | None = None,
         cache_weight: bool = True,
         merge_lowrank: bool = True,
+        act_format: WeightFormat | str | None = None,
     ) -> None:
         super().__init__()
         out_f, in_f = qweight.shape
@@ -50,6 +52,8 @@ class QERALinear(nn.Module):
             raise ValueError(f"bias {tuple(self.bias.shape)} does not fit {out_f} outputs")
         self.cache_weight = cache_weight
         self.merge_lowrank = merge_lowrank
+        # W4A8: the quantized GEMM's input is fake-quantized in this format; the low-rank branch is not
+        self.act_format: WeightFormat | None = parse_format(act_format) if act_format else None
         self._w_cache: torch.Tensor | None = None
 
     # -- construction -------------------------------------------------------------------------
@@ -67,13 +71,14 @@ class QERALinear(nn.Module):
 
     @classmethod
     def from_result(
-        cls, module: nn.Module, result, lowrank_dtype: torch.dtype = torch.float16, cache_weight: bool = True
+        cls, module: nn.Module, result, lowrank_dtype: torch.dtype = torch.float16, cache_weight: bool = True,
+        act_format: WeightFormat | str | None = None,
     ) -> "QERALinear":
         """Replacement of a linear-like ``module`` (``nn.Linear``, GPT-2 ``Conv1D``) from a :class:`~qera.layer.LayerResult`."""
         dev = linear_weight(module).device
         return cls(
             result.qweight.to(dev), result.A.to(dev, lowrank_dtype), result.B.to(dev, lowrank_dtype),
-            getattr(module, "bias", None), cache_weight,
+            getattr(module, "bias", None), cache_weight, act_format=act_format,
         )
 
     @classmethod
@@ -85,7 +90,8 @@ class QERALinear(nn.Module):
         shape = (int(meta["out_features"]), int(meta["in_features"]))
         q = {k[len(QPREFIX):]: v for k, v in tensors.items() if k.startswith(QPREFIX)}
         qw = QuantizedWeight(fmt, shape, getattr(torch, meta["weight_dtype"]), q)
-        return cls(qw, tensors["A"], tensors["B"], tensors.get("bias"), cache_weight)
+        return cls(qw, tensors["A"], tensors["B"], tensors.get("bias"), cache_weight,
+                   act_format=meta.get("act_format"))
 
     @classmethod
     def empty(
@@ -126,7 +132,7 @@ class QERALinear(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     @property
     def _merged(self) -> bool:
-        return self.cache_weight and self.merge_lowrank and self.rank > 0
+        return self.cache_weight and self.merge_lowrank and self.rank > 0 and self.act_format is None
 
     def _w(self, dtype: torch.dtype) -> torch.Tensor:
         c = self._w_cache
@@ -141,7 +147,8 @@ class QERALinear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self._w(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        xq = x if self.act_format is None else fake_quantize_activations(x, self.act_format)
+        y = F.linear(xq, self._w(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.rank and not self._merged:
             y = y + F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
         return y
@@ -162,4 +169,5 @@ class QERALinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}, "
             f"rank={self.rank}, bias={self.bias is not None}"
+            + (f", act_format={self.act_format}" if self.act_format is not None else "")
         )

@@ -127,7 +127,8 @@ def _context(model, config, calibration, stats, report_output_error, progress, d
         progress = False
     return DriverContext(
         dist=dist, model=model, targets=targets, quantizer=quantizer, report=report,
-        sink=sink or ptq_sink(getattr(torch, config.lowrank_dtype)), calibration=calibration, stats=stats,
+        sink=sink or ptq_sink(getattr(torch, config.lowrank_dtype), act_format=config.act_format),
+        calibration=calibration, stats=stats,
         kinds=kinds, output_error=report_output_error is not False, progress=progress,
         device=resolve_device(device), max_memory=max_memory if max_memory is not None else default_budget(),
         gpu_memory=gpu_memory, offload_dir=offload_dir, placer=placer, writer=writer,

@@ -50,9 +50,12 @@ def _dtype_name(dt: torch.dtype) -> str:
 
 
 def layer_meta(m: QERALinear) -> dict[str, Any]:
-    return {"format": str(m.fmt), "in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
+    meta = {"format": str(m.fmt), "in_features": m.in_features, "out_features": m.out_features, "rank": m.rank,
             "bias": m.bias is not None, "weight_dtype": _dtype_name(m.weight_dtype),
             "lowrank_dtype": _dtype_name(m.A.dtype)}
+    if m.act_format is not None:  # optional key: checkpoints without activation quantization stay as before
+        meta["act_format"] = str(m.act_format)
+    return meta
 
 
 def expected_layer_tensors(meta: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -98,6 +101,8 @@ def _validate_layer_meta(name: str, meta: Any, where: str) -> None:
             raise QeraError(f"{where}: layer {name} has an unknown {k} {meta[k]!r}")
     try:
         parse_format(meta["format"])
+        if meta.get("act_format") is not None:
+            parse_format(meta["act_format"])
     except (QeraError, ValueError) as exc:
         raise QeraError(f"{where}: layer {name}: {exc}") from None
 
