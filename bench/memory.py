@@ -92,27 +92,34 @@ def commands(model: str, work: Path, max_memory: str | None) -> dict[str, list[s
     }
 
 
-def formula(model_dir: Path, command: str, stats_gib: float, lin_gib: float, model_gib: float, base: float) -> float:
-    """The README's formula for a command's peak (GiB)."""
-    logits = 2 * (1 << 24) * 4 / 2**30  # one chunk of float32 logits and its log-softmax
+def formula(command: str, sizes_gib: dict[str, float], streamed: bool, base: float = 0.4) -> float:
+    """The README's formula for a command's peak (GiB).
+
+    base: Python + torch + transformers; model: the weights in their dtype; stats: every layer's
+    float64 statistics (one-shot) or one block's (recorded block by block when over the budget);
+    lin: one quantized copy of the linear layers (compare evaluates each setting with them cached);
+    logits: one chunk of float32 logits and its log-softmax (2 × 2^24 × 4 bytes).
+    """
+    logits = 2 * (1 << 24) * 4 / 2**30
+    stats = sizes_gib["block_stats"] if streamed else sizes_gib["stats"]
+    model, lin = sizes_gib["model"], sizes_gib["lin"]
     f = {
-        "eval": base + model_gib + logits,
-        "calibrate": base + model_gib + stats_gib,
-        "quantize": base + model_gib + stats_gib,
-        "compare": base + model_gib + stats_gib + lin_gib + logits,
+        "eval": base + model + logits,
+        "calibrate": base + model + stats,
+        "quantize": base + model + stats,
+        "compare": base + model + stats + lin + logits,
     }
     return f.get(command, float("nan"))
 
 
-def sizes(model: str) -> tuple[float, float, float]:
-    """(model GiB in its dtype, linear-layer GiB, one-shot statistics GiB for abs+sq+xtx) from the config."""
+def sizes(model: str) -> dict[str, float]:
+    """GiB of: the model in its dtype, its linear layers, its one-shot statistics (abs+sq+xtx of every
+    distinct layer input) and one block's statistics, from the config."""
     import torch
-    from qera.models import load_model
+    from qera.models import convert_gguf, resolve_source
     from qera.streaming import empty_model
     from qera.targets import find_targets, linear_shape
     from transformers import AutoConfig
-
-    from qera.models import resolve_source, convert_gguf
 
     where = resolve_source(model)
     if isinstance(where, Path) and where.suffix == ".gguf":
@@ -123,12 +130,11 @@ def sizes(model: str) -> tuple[float, float, float]:
         m.tie_weights()
     el = torch.empty(0, dtype=next(m.parameters()).dtype).element_size()
     params = sum(p.numel() for p in m.parameters())
-    targets = find_targets(m)
-    lin = sum(linear_shape(t)[0] * linear_shape(t)[1] for t in targets.values())
+    lin = sum(linear_shape(t)[0] * linear_shape(t)[1] for t in find_targets(m).values())
     h, i = cfg.hidden_size, cfg.intermediate_size
-    stats = cfg.num_hidden_layers * 8 * (3 * h * h + i * i + 2 * (3 * h + i))
-    del load_model
-    return params * el / 2**30, lin * el / 2**30, stats / 2**30
+    block = 8 * (3 * h * h + i * i + 2 * (3 * h + i))  # inputs of q/k/v, o, gate/up, down
+    return {"model": params * el / 2**30, "lin": lin * el / 2**30, "stats": cfg.num_hidden_layers * block / 2**30,
+            "block_stats": block / 2**30}
 
 
 def main() -> None:
@@ -152,7 +158,7 @@ def main() -> None:
                 write_random_model(model, Qwen2Config(
                     hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                     num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768))
-        model_gib, lin_gib, stats_gib = sizes(model)
+        size = sizes(model)
         for cmd in args.commands.split(","):
             argv = commands(model, work, args.max_memory)[cmd]
             out = subprocess.run([sys.executable, "-c", CHILD, *argv, "--no-progress"], capture_output=True, text=True,
@@ -161,17 +167,20 @@ def main() -> None:
             if not line:
                 raise SystemExit(f"{name} {cmd} failed:\n{out.stderr[-3000:]}")
             r = json.loads(line[-1][len("MEMJSON"):])
-            r.update(model=name, command=cmd, formula_gib=formula(Path(model), cmd, stats_gib, lin_gib, model_gib, 0.4),
-                     model_gib=model_gib, stats_gib=stats_gib, max_memory=args.max_memory)
+            streamed = "recorded block by block" in out.stderr
+            r.update(model=name, command=cmd, formula_gib=formula(cmd, size, streamed), sizes_gib=size,
+                     stats_streamed=streamed, max_memory=args.max_memory)
             rows.append(r)
             print(json.dumps(r), flush=True)
     print(f"# {machine()}")
-    print("| model | command | peak GiB | formula GiB | load | calibrate | solve | evaluate | train | wall s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | command | budget | statistics | peak GiB | formula GiB | load | calibrate | solve | evaluate | train | wall s |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ph = r["phases"]
         cells = [f"{ph[k]:.2f}" if k in ph else "–" for k in ("load", "calibrate", "solve", "evaluate", "train")]
-        print(f"| {r['model']} | {r['command']} | {r['peak_gib']:.2f} | {r['formula_gib']:.2f} | " + " | ".join(cells)
+        where = "by block, on disk" if r["stats_streamed"] else "in memory"
+        print(f"| {r['model']} | {r['command']} | {r['max_memory'] or 'default'} | {where} | {r['peak_gib']:.2f} | "
+              f"{r['formula_gib']:.2f} | " + " | ".join(cells)
               + f" | {r['seconds']:.0f} |")
 
 
