@@ -92,22 +92,25 @@ def commands(model: str, work: Path, max_memory: str | None) -> dict[str, list[s
     }
 
 
-def formula(command: str, sizes_gib: dict[str, float], streamed: bool, base: float = 0.4) -> float:
-    """The README's formula for a command's peak (GiB).
+def formula(command: str, g: dict[str, float], streamed: bool, base: float = 0.4) -> float:
+    """The README's formula for a command's peak (GiB); ``g`` holds the terms from :func:`sizes`.
 
     base: Python + torch + transformers; model: the weights in their dtype; stats: every layer's
-    float64 statistics (one-shot) or one block's (recorded block by block when over the budget);
-    lin: one quantized copy of the linear layers (compare evaluates each setting with them cached);
+    float64 statistics (in memory) or one block's (recorded block by block over the budget);
+    fwd: one calibration forward's working set (batch tokens × (3·intermediate + 4·hidden) × 4 bytes);
+    solve: one layer's solve (4·in² + 28·out·in bytes) plus the packed quantized layers so far;
+    dense: one dense copy of the linear layers (evaluation caches W̃ + BA per layer);
     logits: one chunk of float32 logits and its log-softmax (2 × 2^24 × 4 bytes).
+    The phases do not overlap, so the largest of them counts.
     """
     logits = 2 * (1 << 24) * 4 / 2**30
-    stats = sizes_gib["block_stats"] if streamed else sizes_gib["stats"]
-    model, lin = sizes_gib["model"], sizes_gib["lin"]
+    stats = g["block_stats"] if streamed else g["stats"]
+    solve = g["solve"] + g["packed"]
     f = {
-        "eval": base + model + logits,
-        "calibrate": base + model + stats,
-        "quantize": base + model + stats,
-        "compare": base + model + stats + lin + logits,
+        "eval": base + g["model"] + logits + g["fwd_eval"],
+        "calibrate": base + g["model"] + stats + g["fwd"],
+        "quantize": base + g["model"] + stats + max(g["fwd"], solve),
+        "compare": base + g["model"] + stats + max(g["fwd"], solve, g["dense"] + logits),
     }
     return f.get(command, float("nan"))
 
@@ -130,11 +133,33 @@ def sizes(model: str) -> dict[str, float]:
         m.tie_weights()
     el = torch.empty(0, dtype=next(m.parameters()).dtype).element_size()
     params = sum(p.numel() for p in m.parameters())
-    lin = sum(linear_shape(t)[0] * linear_shape(t)[1] for t in find_targets(m).values())
+    shapes = [linear_shape(t) for t in find_targets(m).values()]
+    lin = sum(o * i for o, i in shapes)
     h, i = cfg.hidden_size, cfg.intermediate_size
     block = 8 * (3 * h * h + i * i + 2 * (3 * h + i))  # inputs of q/k/v, o, gate/up, down
-    return {"model": params * el / 2**30, "lin": lin * el / 2**30, "stats": cfg.num_hidden_layers * block / 2**30,
-            "block_stats": block / 2**30}
+    gib = 2**30
+    return {"model": params * el / gib, "dense": lin * el / gib, "stats": cfg.num_hidden_layers * block / gib,
+            "block_stats": block / gib,
+            "fwd": CALIB_TOKENS * (3 * i + 4 * h) * 4 / gib, "fwd_eval": EVAL_TOKENS * (3 * i + 4 * h) * 4 / gib,
+            "solve": max(4 * i_ * i_ + 28 * o_ * i_ for o_, i_ in shapes) / gib,
+            "packed": lin * PACKED_BITS / 8 / gib}
+
+
+CALIB_TOKENS = 8 * 512  # --calib-batch-size 8 × --calib-seq-len 512
+EVAL_TOKENS = 512
+PACKED_BITS = 4.5  # mxint3/mxint4 codes + scales + a rank-8 A/B, per weight (upper end)
+
+
+def render(rows: list[dict]) -> None:
+    print(f"# {machine()}")
+    print("| model | command | budget | statistics | peak GiB | formula GiB | load | calibrate | solve | evaluate | train | wall s |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ph = r["phases"]
+        cells = [f"{ph[k]:.2f}" if k in ph else "–" for k in ("load", "calibrate", "solve", "evaluate", "train")]
+        where = "by block, on disk" if r["stats_streamed"] else "in memory"
+        print(f"| {r['model']} | {r['command']} | {r['max_memory'] or 'default'} | {where} | {r['peak_gib']:.2f} | "
+              f"{r['formula_gib']:.2f} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
 
 
 def main() -> None:
@@ -143,7 +168,20 @@ def main() -> None:
     ap.add_argument("--commands", default="eval,calibrate,quantize,compare,output-error,finetune")
     ap.add_argument("--max-memory", default=None, help="passed to the commands that take it")
     ap.add_argument("--work", default="bench_work/memory")
+    ap.add_argument("--render", nargs="+", metavar="JSONL", help="only print the table of earlier runs' JSON lines "
+                    "(formula recomputed)")
     args = ap.parse_args()
+    if args.render:
+        rows = []
+        for path in args.render:
+            for line in Path(path).read_text().splitlines():
+                if line.startswith("{"):
+                    r = json.loads(line)
+                    model = str(Path(args.work).parent / r["model"]) if r["model"] == "qwen2-0.5b-shape" else r["model"]
+                    r["formula_gib"] = formula(r["command"], sizes(model), r["stats_streamed"])
+                    rows.append(r)
+        render(rows)
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -172,16 +210,7 @@ def main() -> None:
                      stats_streamed=streamed, max_memory=args.max_memory)
             rows.append(r)
             print(json.dumps(r), flush=True)
-    print(f"# {machine()}")
-    print("| model | command | budget | statistics | peak GiB | formula GiB | load | calibrate | solve | evaluate | train | wall s |")
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        ph = r["phases"]
-        cells = [f"{ph[k]:.2f}" if k in ph else "–" for k in ("load", "calibrate", "solve", "evaluate", "train")]
-        where = "by block, on disk" if r["stats_streamed"] else "in memory"
-        print(f"| {r['model']} | {r['command']} | {r['max_memory'] or 'default'} | {where} | {r['peak_gib']:.2f} | "
-              f"{r['formula_gib']:.2f} | " + " | ".join(cells)
-              + f" | {r['seconds']:.0f} |")
+    render(rows)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--settings", default="mxint3@8,mxint4@8,mxint3@64")
     ap.add_argument("--methods", default="w-only,qera-exact,qera-iter")
+    ap.add_argument("--iter-roundings", default="rtn",
+                    help="re-rounding inside qera-iter (gptq re-rounding is slow on a CPU and was not better in tests)")
     ap.add_argument("--out", default="runs/ptq_gptq")
     args = ap.parse_args()
     model, tok = load_model(args.model)
@@ -51,7 +53,10 @@ def main() -> None:
         fmt, rank = setting.split("@")
         for method in methods:
             r = 0 if method == "w-only" else int(rank)
-            runs += [(method, fmt, r, rd) for rd in ("rtn", "gptq") if (method, fmt, r, rd) not in runs]
+            if method == "qera-iter":  # the first W̃ is RTN or GPTQ as the run's rounding; re-rounding as --iter-roundings
+                runs += [(method, fmt, r, rd) for rd in args.iter_roundings.split(",") if (method, fmt, r, rd) not in runs]
+            else:
+                runs += [(method, fmt, r, rd) for rd in ("rtn", "gptq") if (method, fmt, r, rd) not in runs]
     for method, fmt, rank, rounding in runs:
         cfg = QuantConfig(format=fmt, method=method, rank=rank, rounding=rounding)
         originals = dict(find_targets(model, cfg.include, cfg.exclude))
@@ -80,8 +85,10 @@ def main() -> None:
             continue
         done.add(key)
         pair = {x["rounding"]: x for x in rows[1:] if (x["method"], x["format"], x["rank"]) == key}
-        print(f"| {key[0]} | {key[1]} | {key[2]} | {pair['rtn']['perplexity']:.2f} | {pair['gptq']['perplexity']:.2f} "
-              f"| {pair['rtn']['solve_seconds']:.0f} / {pair['gptq']['solve_seconds']:.0f} |")
+        cell = lambda rd, k, f: f.format(pair[rd][k]) if rd in pair else "–"  # noqa: E731
+        print(f"| {key[0]} | {key[1]} | {key[2]} | {cell('rtn', 'perplexity', '{:.2f}')} | "
+              f"{cell('gptq', 'perplexity', '{:.2f}')} | {cell('rtn', 'solve_seconds', '{:.0f}')} / "
+              f"{cell('gptq', 'solve_seconds', '{:.0f}')} |")
     print(f"(fp32: {rows[0]['perplexity']:.2f}; one calibration pass, {calib_s:.0f} s)")
 
 
