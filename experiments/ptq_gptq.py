@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-from qera import QuantConfig, collect_statistics, find_targets, load_model, perplexity, quantize_model
+from _protocol import Protocol
+from qera import QuantConfig, collect_statistics, find_targets
 from qera.atomic import write_json
-from qera.data import calibration_batches, load_text
-from qera.targets import replace_module
-
-DATA = Path(os.environ.get("QERA_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def main() -> None:
@@ -34,18 +30,11 @@ def main() -> None:
                     help="re-rounding inside qera-iter (gptq re-rounding is slow on a CPU and was not better in tests)")
     ap.add_argument("--out", default="runs/ptq_gptq")
     args = ap.parse_args()
-    model, tok = load_model(args.model)
-    calib = calibration_batches(tok, load_text(str(DATA / "wikitext-2" / "wiki.valid.tokens"), "calibration"),
-                                n_samples=128, seq_len=512, seed=0, batch_size=8)
-    text = load_text(str(DATA / "wikitext-2-raw" / "wiki.test.raw"), "evaluation")
-
-    def ppl() -> float:
-        return perplexity(model, tok, text, seq_len=512, max_windows=40, progress=False).perplexity
-
+    pr = Protocol.load(args.model)
     out = Path(args.out)
-    rows = [{"method": "fp32", "perplexity": ppl()}]
+    rows = [{"method": "fp32", "perplexity": pr.ppl()}]
     t0 = time.perf_counter()
-    stats = collect_statistics(model, calib, list(find_targets(model)), ("xtx",), progress=False)
+    stats = collect_statistics(pr.model, pr.calib, list(find_targets(pr.model)), ("xtx",), progress=False)
     calib_s = time.perf_counter() - t0
     runs = []
     methods = args.methods.split(",")
@@ -59,15 +48,7 @@ def main() -> None:
                 runs += [(method, fmt, r, rd) for rd in ("rtn", "gptq") if (method, fmt, r, rd) not in runs]
     for method, fmt, rank, rounding in runs:
         cfg = QuantConfig(format=fmt, method=method, rank=rank, rounding=rounding)
-        originals = dict(find_targets(model, cfg.include, cfg.exclude))
-        t1 = time.perf_counter()
-        try:
-            rep = quantize_model(model, cfg, stats=stats, progress=False)
-            seconds = time.perf_counter() - t1
-            p = ppl()
-        finally:
-            for name, mod in originals.items():
-                replace_module(model, name, mod)
+        rep, seconds, p = pr.run(cfg, stats=stats)
         q = rep.quality()
         rows.append({"method": method, "format": fmt, "rank": rank, "rounding": rounding, "perplexity": p,
                      "bits_total": q["bits_total"], "mean_output_error_ratio": q["mean_output_error_ratio"],

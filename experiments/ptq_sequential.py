@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-from qera import QuantConfig, collect_statistics, find_targets, load_model, perplexity, quantize_model
+from _protocol import Protocol
+from qera import QuantConfig, collect_statistics, find_targets
 from qera.atomic import write_json
-from qera.data import calibration_batches, load_text
-from qera.targets import replace_module
-
-DATA = Path(os.environ.get("QERA_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def main() -> None:
@@ -31,33 +27,19 @@ def main() -> None:
     ap.add_argument("--method", default="qera-exact")
     ap.add_argument("--out", default="runs/ptq_sequential")
     args = ap.parse_args()
-    model, tok = load_model(args.model)
-    calib = calibration_batches(tok, load_text(str(DATA / "wikitext-2" / "wiki.valid.tokens"), "calibration"),
-                                n_samples=128, seq_len=512, seed=0, batch_size=8)
-    text = load_text(str(DATA / "wikitext-2-raw" / "wiki.test.raw"), "evaluation")
-
-    def ppl() -> float:
-        return perplexity(model, tok, text, seq_len=512, max_windows=40, progress=False).perplexity
-
-    rows = [{"setting": "fp32", "pipeline": "-", "perplexity": ppl()}]
+    pr = Protocol.load(args.model)
+    rows = [{"setting": "fp32", "pipeline": "-", "perplexity": pr.ppl()}]
     out = Path(args.out)
     t0 = time.perf_counter()
-    stats = collect_statistics(model, calib, list(find_targets(model)), ("xtx",), progress=False)
+    stats = collect_statistics(pr.model, pr.calib, list(find_targets(pr.model)), ("xtx",), progress=False)
     calib_s = time.perf_counter() - t0
     for setting in args.settings.split(","):
         fmt, rank = setting.split("@")
         for pipeline, propagate in (("oneshot", "fp"), ("sequential", "fp"), ("sequential", "quantized")):
             cfg = QuantConfig(format=fmt, method=args.method, rank=int(rank), pipeline=pipeline, propagate=propagate)
-            originals = dict(find_targets(model, cfg.include, cfg.exclude))
-            t1 = time.perf_counter()
-            try:
-                rep = quantize_model(model, cfg, calibration=None if pipeline == "oneshot" else calib,
-                                     stats=stats if pipeline == "oneshot" else None, progress=False)
-                seconds = time.perf_counter() - t1 + (calib_s if pipeline == "oneshot" else 0.0)
-                p = ppl()
-            finally:
-                for name, mod in originals.items():
-                    replace_module(model, name, mod)
+            rep, seconds, p = pr.run(cfg, calibration=None if pipeline == "oneshot" else pr.calib,
+                                     stats=stats if pipeline == "oneshot" else None)
+            seconds += calib_s if pipeline == "oneshot" else 0.0
             q = rep.quality()
             rows.append({"setting": setting, "pipeline": pipeline, "propagate": propagate, "perplexity": p,
                          "bits_weight": q["bits_weight"], "bits_total": q["bits_total"],

@@ -19,7 +19,7 @@ from .errors import QeraError, where
 from .formats import QuantizedWeight, parse_format
 from .methods import Reconstruction, get_method
 from .report import LayerReport
-from .rounding import ROUNDINGS
+from .rounding import ROUNDING_NEEDS, ROUNDINGS
 from .statistics import ActivationStats, provided
 from .targets import linear_shape, linear_weight
 
@@ -100,11 +100,11 @@ class LayerQuantizer:
     @property
     def needs(self) -> frozenset[str]:
         """Statistics the step reads: the method's, plus ``Σxᵀx`` for GPTQ rounding."""
-        return frozenset(self.method.needs) | (frozenset({"xtx"}) if self.config.rounding == "gptq" else frozenset())
+        return frozenset(self.method.needs) | ROUNDING_NEEDS[self.config.rounding]
 
     def round(self, name: str, W: torch.Tensor, stats: ActivationStats | None) -> QuantizedWeight:
         """The rounding stage: ``W̃`` on the format's grid (RTN, or GPTQ with the layer's ``R``)."""
-        if self.config.rounding == "rtn" or stats is None or stats.count == 0:
+        if not ROUNDING_NEEDS[self.config.rounding] or stats is None or stats.count == 0:
             return self.fmt.quantize(W, name)  # no tokens reached the layer: GPTQ has nothing to weigh by
         R = stats.autocorrelation(torch.float64).to(W.device)
         return ROUNDINGS.get(self.config.rounding)(W, self.fmt, R, name=name, damp=self.config.gptq_damp)
@@ -120,7 +120,7 @@ class LayerQuantizer:
             raise QeraError(
                 f"rank must be an integer in 1..{min(out_f, in_f)} for a {out_f}x{in_f} weight, got {rank}{where(name)}"
             )
-        if (rank == 0 and self.config.rounding == "rtn") or not self.needs:
+        if (rank == 0 and not ROUNDING_NEEDS[self.config.rounding]) or not self.needs:
             return
         if stats is not None and stats.count == 0:
             return  # no tokens reached this layer (a rarely routed expert): the solve falls back, see __call__

@@ -189,11 +189,8 @@ def load_model(
     return model.to(device).eval(), tok
 
 
-def weights_bytes(source: str, cache: str | os.PathLike | None = None) -> int | None:
-    """Bytes the model's weights take once loaded (its safetensors files, in their dtype), or None if unknown.
-
-    Reads no tensor: local directories and converted GGUFs only (a hub id is unknown until downloaded).
-    """
+def _local_dir(source: str, cache: str | os.PathLike | None = None) -> Path | None:
+    """The local directory holding ``source`` (a converted GGUF's cache entry once converted), or None."""
     try:
         where = resolve_source(source)
     except QeraError:
@@ -201,7 +198,16 @@ def weights_bytes(source: str, cache: str | os.PathLike | None = None) -> int | 
     if isinstance(where, Path) and where.is_file() and where.suffix == ".gguf":
         target = _gguf_cache_path(where, cache_dir(cache))
         where = target if (target / "config.json").is_file() else None
-    if not isinstance(where, Path) or not where.is_dir():
+    return where if isinstance(where, Path) and where.is_dir() else None
+
+
+def weights_bytes(source: str, cache: str | os.PathLike | None = None) -> int | None:
+    """Bytes the model's weights take once loaded (its safetensors files, in their dtype), or None if unknown.
+
+    Reads no tensor: local directories and converted GGUFs only (a hub id is unknown until downloaded).
+    """
+    where = _local_dir(source, cache)
+    if where is None:
         return None
     files = list(where.glob("*.safetensors"))
     return sum(f.stat().st_size for f in files) if files else None
@@ -211,13 +217,8 @@ def model_config(source: str, cache: str | os.PathLike | None = None) -> dict | 
     """The ``config.json`` of a local model (or a converted GGUF) as a dict, without loading weights."""
     import json
 
-    try:
-        where = resolve_source(source)
-    except QeraError:
-        return None
-    if isinstance(where, Path) and where.is_file() and where.suffix == ".gguf":
-        where = _gguf_cache_path(where, cache_dir(cache))
-    p = where / "config.json" if isinstance(where, Path) else None
+    where = _local_dir(source, cache)
+    p = where / "config.json" if where is not None else None
     if p is None or not p.is_file():
         return None
     try:

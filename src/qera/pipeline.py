@@ -27,6 +27,7 @@ from .memory import default_budget, format_size, parse_size, stats_bytes
 from .methods import METHODS
 from .moe import unfuse_experts, unfused_names
 from .report import LayerReport, QuantReport
+from .rounding import ROUNDING_NEEDS
 from .statistics import CalibrationStats, provided
 from .targets import find_blocks, find_targets, linear_shape, replace_module
 
@@ -41,9 +42,7 @@ __all__ = [
 
 def stats_kinds_for(config: QuantConfig, report_output_error: bool = False) -> frozenset[str]:
     """Statistics a run collects: what the method needs, plus ``xtx`` for output-error reports."""
-    kinds = set(METHODS.get(config.method).needs)
-    if config.rounding == "gptq":
-        kinds.add("xtx")
+    kinds = set(METHODS.get(config.method).needs) | ROUNDING_NEEDS[config.rounding]
     if report_output_error:
         kinds.add("xtx")
     return frozenset(kinds)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 Rounding = Callable[..., QuantizedWeight]
 ROUNDINGS: Registry[Rounding] = Registry("rounding")
+ROUNDING_NEEDS = {"rtn": frozenset(), "gptq": frozenset({"xtx"})}  # statistics each rounding reads
 LAZY_COLUMNS = 128  # columns rounded between two updates of the rest of the matrix (a multiple of the group)
 
 
