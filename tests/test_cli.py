@@ -31,6 +31,25 @@ def test_quantize_eval_info_calibrate(tmp_path, capsys, model_dir, text_file):
     assert code == 0 and json.loads(out)["method"] == "qera-exact"
 
 
+def test_quantize_markdown_report(tmp_path, capsys, model_dir, text_file):
+    """--report x.md: Markdown with a row per layer and per layer type, the JSON beside it, PNG figures."""
+    pytest.importorskip("matplotlib")
+    code, out, err = run(capsys, "quantize", model_dir, "--format", "mxint3", "--method", "qera-exact", "--rank", 4,
+                         "--calib-text", text_file, "--calib-samples", 4, "--calib-seq-len", 32,
+                         "--out", tmp_path / "q", "--json", "--no-progress", "--report", tmp_path / "r.md")
+    assert code == 0, err
+    md = (tmp_path / "r.md").read_text()
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert len(data["layers"]) == 14
+    for layer in data["layers"]:
+        assert f"| {layer['name']} |" in md
+    for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert f"| {t} | 2 |" in md  # two decoder blocks per type
+    for png in ("output_error.png", "solve_seconds.png"):
+        f = tmp_path / "r_files" / png
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"r_files/{png}" in md
+
+
 def test_compare(tmp_path, capsys, model_dir, text_file):
     code, out, err = run(capsys, "compare", model_dir, "--methods", "w-only,qera-exact", "--settings", "mxint3@4",
                          "--calib-text", text_file, "--eval-text", text_file, "--calib-samples", 4,

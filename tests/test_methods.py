@@ -73,6 +73,36 @@ def test_method_orderings(problem, fmt, rank):
     assert out["qera-exact"] < 0.9 * out["zeroquant-v2"]
 
 
+@pytest.mark.parametrize("lam", [0.25, 0.5, 0.9])
+def test_shrunk_exact_is_optimal_for_the_shrunk_metric(problem, lam):
+    """shrink=λ solves for R_λ = (1−λ)R + λ diag(R): optimal there, between exact and approx's ends."""
+    W, x = problem
+    st = stats_of(x)
+    qw = quantize_weight(W, "mxint3")
+    R = st.autocorrelation()
+    R_lam = (1 - lam) * R + lam * torch.diag(torch.diagonal(R))
+    D = (W - qw.dequantize()).double()
+    shrunk = reconstruct(W, qw, "qera-exact", 8, st, shrink=lam)
+    exact = reconstruct(W, qw, "qera-exact", 8, st)
+    approx = reconstruct(W, qw, "qera-approx", 8, st)
+    obj = {k: lowrank_objective(D, A.double(), B.double(), R_lam) for k, (A, B) in
+           {"shrunk": shrunk, "exact": exact, "approx": approx}.items()}
+    assert obj["shrunk"] == pytest.approx(optimal_objective(D, 8, R_lam), rel=1e-6)
+    assert obj["shrunk"] <= min(obj["exact"], obj["approx"]) * (1 + 1e-9)
+
+
+def test_shrink_ends_are_exact_and_approx(problem):
+    W, x = problem
+    st = stats_of(x)
+    qw = quantize_weight(W, "mxint3")
+    for lam, other in ((0.0, "qera-exact"), (1.0, "qera-approx")):
+        A, B = reconstruct(W, qw, "qera-exact", 8, st, shrink=lam)
+        A2, B2 = reconstruct(W, qw, other, 8, st)
+        torch.testing.assert_close(B @ A, B2 @ A2, rtol=1e-4, atol=1e-5)
+    with pytest.raises(QeraError, match="shrink must be in"):
+        get_method("qera-exact", shrink=1.5)
+
+
 def test_approx_equals_exact_for_uncorrelated_inputs():
     """With x = H diag(s) (H a ±1 Hadamard matrix), E[xᵀx] = diag(s²) exactly."""
     n = 64

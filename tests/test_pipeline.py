@@ -166,6 +166,47 @@ def test_missing_calibration_and_rank_too_large(stats):
         quantize_model(tiny_llama(), QuantConfig(method="qera-exact"), stats=only_sq, progress=False)
 
 
+def test_unquantized_weights_stored_in_bf16(tmp_path, tok):
+    """dtype=bfloat16 halves the embeddings/norms/head on disk, keeps the quantized layers' tensors, and the
+    loaded model equals the in-memory one with those weights cast to bf16."""
+    import copy
+
+    from safetensors import safe_open
+
+    from qera.checkpoint import read_qera_config
+
+    model = tiny_llama()
+    quantize_model(model, QuantConfig(format="mxint4", method="zeroquant-v2", rank=4), progress=False)
+    save_quantized(model, tok, tmp_path / "fp32")
+    save_quantized(model, tok, tmp_path / "bf16", dtype="bfloat16")
+    layers = read_qera_config(tmp_path / "bf16")["layers"]
+    with safe_open(str(tmp_path / "fp32" / "model.safetensors"), "pt") as f32, \
+            safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f16:
+        assert set(f32.keys()) == set(f16.keys())
+        for k in f32.keys():
+            a, b = f32.get_tensor(k), f16.get_tensor(k)
+            if any(k.startswith(n + ".") for n in layers):
+                assert b.dtype == a.dtype and torch.equal(a, b), k  # quantized layers untouched
+            else:
+                assert a.dtype == torch.float32 and b.dtype == torch.bfloat16, k
+                assert torch.equal(a.to(torch.bfloat16), b), k
+    size = {d: (tmp_path / d / "model.safetensors").stat().st_size for d in ("fp32", "bf16")}
+    assert size["bf16"] < size["fp32"]
+    assert read_qera_config(tmp_path / "bf16")["unquantized_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    ref = copy.deepcopy(model)
+    for mod in ref.modules():
+        if not isinstance(mod, QERALinear):
+            for p in mod.parameters(recurse=False):
+                p.data = p.data.to(torch.bfloat16)
+    back, _ = load_quantized(tmp_path / "bf16")
+    ids = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(ref(ids).logits, back(ids).logits)
+    with pytest.raises(QeraError, match="storage dtype must be one of"):
+        save_quantized(model, tok, tmp_path / "bad", dtype="int8")
+
+
 def test_save_is_atomic_and_refuses_existing(tmp_path, tok, monkeypatch):
     model = tiny_llama()
     quantize_model(model, QuantConfig(format="mxint4", method="zeroquant-v2", rank=2), progress=False)

@@ -338,3 +338,17 @@ def test_block_calls_move_to_the_compute_device():
         collect(c.args)
         collect(c.kwargs)
     assert tensors and all(t.device.type == "meta" for t in tensors)
+
+
+def test_sequential_writer_stores_the_requested_dtype(tmp_path, batches):
+    """Block-by-block writing casts the non-quantized weights as save_quantized does: the same files."""
+    m1 = tiny_llama()
+    quantize_and_save(m1, QuantConfig(format="mxint4", method="qera-exact", rank=4, pipeline="sequential"),
+                      tmp_path / "seq", calibration=batches, progress=False, dtype="float16")
+    m2 = tiny_llama()
+    rep = quantize_model(m2, QuantConfig(format="mxint4", method="qera-exact", rank=4), calibration=batches,
+                         progress=False)
+    save_quantized(m2, None, tmp_path / "one", report=rep, dtype=torch.float16)
+    a, b = load_file(str(tmp_path / "seq" / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["model.norm.weight"].dtype == a["model.embed_tokens.weight"].dtype == torch.float16

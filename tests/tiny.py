@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 
 
-def byte_tokenizer():
-    """A byte-level BPE tokenizer with no merges: 256 byte tokens + <s>, </s>, <pad>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def byte_tokenizer(add_bos: bool = False):
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens + <s>, </s>, <pad>.
+
+    ``add_bos``: put ``<s>`` before every text, as Llama-2 and Gemma tokenizers do.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -17,6 +20,9 @@ def byte_tokenizer():
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
+    if add_bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                          special_tokens=[("<s>", vocab["<s>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 

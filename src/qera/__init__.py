@@ -22,6 +22,7 @@ from .report import LayerReport, QuantReport  # noqa: E402
 from .layer import LayerQuantizer, LayerResult  # noqa: E402
 from .pipeline import quantize_and_save, quantize_model  # noqa: E402
 from .checkpoint import load_quantized, save_quantized  # noqa: E402
+from .export import export  # noqa: E402
 from .evaluation import perplexity  # noqa: E402
 from .models import load_model  # noqa: E402
 
@@ -63,6 +64,7 @@ __all__ = [
     "quantize_and_save",
     "save_quantized",
     "load_quantized",
+    "export",
     "perplexity",
     "load_model",
 ]

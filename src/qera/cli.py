@@ -1,4 +1,4 @@
-"""Command-line interface: ``qera quantize | eval | calibrate | compare | info``.
+"""Command-line interface: ``qera quantize | eval | calibrate | compare | export | info``.
 
 Every subcommand is a thin wrapper over the Python API. User errors print one line and exit 2.
 """
@@ -49,6 +49,9 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-samples", type=int, default=128, help="number of windows (default 128)")
     g.add_argument("--calib-seq-len", type=int, default=512, help="tokens per window (default 512)")
     g.add_argument("--calib-batch-size", type=int, default=8)
+    g.add_argument("--calib-bos", choices=["auto", "on", "off"], default="auto",
+                   help="start each window with BOS: auto (default) = when the tokenizer adds BOS, as the "
+                        "evaluation windows and prompts do")
     g.add_argument("--seed", type=int, default=0, help="seed for window sampling and the solver")
     g.add_argument("--stats-precision", choices=["mixed", "float64"], default="mixed",
                    help="Σxᵀx chunk sums in float32 (tensor cores for bf16 on a GPU) or float64")
@@ -148,7 +151,9 @@ def _calibration_batches(args, tokenizer):
     from .data import calibration_batches, load_text
 
     text = load_text(_source(args.calib_text, args.dataset), "calibration")
-    return calibration_batches(tokenizer, text, args.calib_samples, args.calib_seq_len, args.seed, args.calib_batch_size)
+    bos = {"auto": None, "on": True, "off": False}[getattr(args, "calib_bos", "auto")]
+    return calibration_batches(tokenizer, text, args.calib_samples, args.calib_seq_len, args.seed,
+                               args.calib_batch_size, bos=bos)
 
 
 def _settings(spec: str | None, fmt: str, rank: int) -> list[tuple[str, int]]:
@@ -239,7 +244,6 @@ def _emit(args, payload: dict, table: str) -> None:
 
 # -- subcommands ---------------------------------------------------------------------------------
 def cmd_quantize(args) -> int:
-    from .atomic import write_text
     from .models import resolve_source
     from .pipeline import quantize_and_save
     from .streaming import is_lazy_source
@@ -271,14 +275,16 @@ def cmd_quantize(args) -> int:
         calibration = _calibration_batches(args, tok)
     report = quantize_and_save(
         model, config, out, tokenizer=tok, calibration=calibration, stats=stats, overwrite=args.overwrite,
-        resume=args.resume, progress=not args.no_progress,
+        resume=args.resume, progress=not args.no_progress, dtype=args.dtype,
         report_output_error=True if args.report_output_error else (False if args.no_output_error else None),
         device=args.device, max_memory=args.max_memory, gpu_memory=args.gpu_memory, offload_dir=args.offload_dir,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun rank 0 writes and reports
     if args.report:
-        write_text(args.report, report.to_json())
+        from .report_render import write_report
+
+        write_report(report, args.report)
     s = report.summary()
     _emit(args, {"out": str(out), **s},
           f"saved {out}: {s['layers']} layers ({s['pipeline']}), {s['bits_weight']:.3f} bits/weight "
@@ -303,7 +309,7 @@ def cmd_calibrate(args) -> int:
     targets = find_targets(model, args.include, args.exclude)
     args.stats = None
     meta = {"model": args.model, "samples": str(args.calib_samples), "seq_len": str(args.calib_seq_len),
-            "seed": str(args.seed)}
+            "seed": str(args.seed), "bos": args.calib_bos}
     stats, _ = _stats(args, model, tok, frozenset(kinds), targets, path=out, extra=meta)
     if not stats.lazy:  # within the budget: in memory, saved now (a lazy result was written block by block)
         stats.extra.update(meta)
@@ -327,6 +333,19 @@ def cmd_info(args) -> int:
                "ranks": ranks, "pipeline": qc.get("pipeline"), "propagate": qc.get("propagate"),
                "bits_weight": b["bits_weight"], "bits_total": b["bits_total"], "bytes_on_disk": size}
     _emit(args, payload, "\n".join(f"{k:>13}: {v}" for k, v in payload.items()))
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Write a checkpoint in another ecosystem's format (compressed-tensors + a PEFT LoRA adapter)."""
+    from .export import export
+
+    out = export(args.path, args.out, to=args.to, overwrite=args.overwrite, scale_dtype=args.scale_dtype)
+    size = {name: sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
+            for name, d in (("source_bytes", args.path), ("export_bytes", out))}
+    _emit(args, {"out": str(out), "to": args.to, **size},
+          f"exported {args.path} ({size['source_bytes'] / 2**20:.1f} MiB) to {out} as {args.to} "
+          f"({size['export_bytes'] / 2**20:.1f} MiB{', adapter in ' + str(out / 'adapter') if (out / 'adapter').is_dir() else ''})")
     return 0
 
 
@@ -537,7 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p); _add_quant(p); _add_calibration(p); common(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--report", help="write the per-layer report as JSON here")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="storage dtype of the non-quantized weights: embeddings, norms, LM head (default bfloat16)")
+    p.add_argument("--report", help="write the per-layer report here: JSON, or .md for Markdown + PNGs (+ the JSON beside it)")
     p.add_argument("--report-output-error", action="store_true", help="also collect Σxᵀx to report layer output errors")
     p.add_argument("--no-output-error", action="store_true",
                    help="skip the per-layer output-error report (one extra in×in product per layer; large models on a CPU)")
@@ -617,6 +638,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True); p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_output_error)
+
+    from .export import EXPORTERS, SCALE_DTYPES
+
+    p = sub.add_parser("export", help="export a checkpoint: compressed-tensors weights + a PEFT LoRA adapter")
+    p.add_argument("path", help="qera checkpoint directory"); common(p)
+    p.add_argument("--to", default="compressed-tensors", choices=EXPORTERS.names(), help="export target")
+    p.add_argument("--out", required=True, help="output directory (the adapter goes to OUT/adapter)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--scale-dtype", choices=list(SCALE_DTYPES), default=None,
+                   help="dtype of the group scales (default: float32 for int, bfloat16 for mxint: exact on every loader)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="describe a quantized checkpoint")
     p.add_argument("path"); common(p)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import tokenize
+from .data import bos_id, tokenize
 from .errors import QeraError
 
 log = logging.getLogger(__name__)
@@ -32,14 +32,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tokens_per_second": self.tokens_per_second}
-
-
-def _adds_bos(tokenizer) -> bool:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos
 
 
 def context_length(model) -> int | None:
@@ -133,7 +125,7 @@ def perplexity(
     if seq_len < 2:
         raise QeraError(f"seq_len must be >= 2, got {seq_len}")
     ids = tokenize(tokenizer, text)
-    bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+    bos = bos_id(tokenizer)
     step = seq_len - 1 if bos is not None else seq_len
     n = ids.numel() // step
     if max_windows is not None:

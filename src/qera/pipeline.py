@@ -199,8 +199,11 @@ def quantize_and_save(
     max_memory: int | str | None = None,
     gpu_memory: int | str | None = None,
     offload_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> QuantReport:
     """Quantize and write a checkpoint to ``out``.
+
+    ``dtype``: storage dtype of the non-quantized weights (embeddings, norms, LM head); None keeps them.
 
     ``model`` is a model object or the path of a local directory with ``config.json`` and
     safetensors weights. A path with the sequential pipeline (``auto`` chooses it for paths) is
@@ -210,7 +213,10 @@ def quantize_and_save(
     calibration after its last finished block (the result is bit-identical to an uninterrupted run).
     """
     from .checkpoint import CheckpointWriter, buffer_dtypes, rest_tensors, save_quantized
+    from .checkpoint.writer import parse_dtype
     from .streaming import StreamingPlacer, load_model_lazy
+
+    dtype = parse_dtype(dtype)
 
     out = Path(out)
     source = None
@@ -244,7 +250,7 @@ def quantize_and_save(
     dist = Dist.current()
     if pipeline == "sequential" and (dist is None or dist.is_main):  # rank 0 alone writes
         writer = CheckpointWriter(out, overwrite=overwrite, resume=resume,
-                                  fingerprint=_fingerprint(config, model, calibration, source_id))
+                                  fingerprint=_fingerprint(config, model, calibration, source_id), dtype=dtype)
     elif resume:
         log.info("resume applies to the sequential pipeline only; the one-shot run starts from scratch")
     try:
@@ -256,7 +262,7 @@ def quantize_and_save(
         if dist is not None and not dist.is_main:
             pass
         elif writer is None:
-            save_quantized(model, tokenizer, out, overwrite=overwrite, report=ctx.report)
+            save_quantized(model, tokenizer, out, overwrite=overwrite, report=ctx.report, dtype=dtype)
         else:
             blocks_name, _ = find_blocks(model, list(ctx.targets))
             rest, tied = rest_tensors(model, f"{blocks_name}.", source)

@@ -39,6 +39,20 @@ def _block_state(block: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def cast_unquantized(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None,
+                     quantized: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """``tensors`` with every floating tensor outside the ``quantized`` layers cast to ``dtype``.
+
+    The quantized layers' own tensors (packed codes, scales, ``A``, ``B``, bias) keep their dtypes:
+    those are fixed by the weight format and ``lowrank_dtype``. ``dtype=None`` changes nothing.
+    """
+    if dtype is None:
+        return dict(tensors)
+    prefixes = tuple(f"{n}." for n in quantized)
+    return {k: v.to(dtype) if v.is_floating_point() and not k.startswith(prefixes) else v
+            for k, v in tensors.items()}
+
+
 def fingerprint_of(*parts: Any) -> str:
     """A short stable hash of JSON-able parts and tensors (what identifies a resumable run)."""
     h = hashlib.sha256()
@@ -60,11 +74,15 @@ class CheckpointWriter:
         resume: continue the interrupted run whose work folder is beside ``path``.
         fingerprint: identifies the run (config, model, calibration); a resume must match it.
         keep_on_error: keep the work folder when the run fails (resumable runs).
+        dtype: store the non-quantized floating tensors (embeddings, norms, LM head) in this dtype
+            (None: as they are in the model).
     """
 
     def __init__(self, path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
-                 fingerprint: str = "", keep_on_error: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD) -> None:
+                 fingerprint: str = "", keep_on_error: bool = True, max_shard_bytes: int = DEFAULT_MAX_SHARD,
+                 dtype: torch.dtype | None = None) -> None:
         self.path = refuse_existing(path, overwrite)
+        self.dtype = dtype
         self.overwrite, self.fingerprint, self.keep_on_error = overwrite, fingerprint, keep_on_error
         self.max_shard_bytes = max_shard_bytes
         self.work = self.path.parent / f".{self.path.name}.partial"
@@ -136,10 +154,10 @@ class CheckpointWriter:
         """Write block ``index`` (all its tensors, quantized or not) and record it as finished."""
         import dataclasses
 
-        tensors = _block_state(block, prefix)
+        layers = {prefix + n: layer_meta(m) for n, m in quantized_layers(block).items()}
+        tensors = cast_unquantized(_block_state(block, prefix), self.dtype, layers)
         name = f"block-{index:05d}.safetensors"
         _save_safetensors(tensors, self.work / name)
-        layers = {prefix + n: layer_meta(m) for n, m in quantized_layers(block).items()}
         self.state["blocks"][str(index)] = {
             "file": name, "layers": layers, "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
             "reports": [dataclasses.asdict(r) for r in reports],
@@ -167,14 +185,19 @@ class CheckpointWriter:
     def finalize(self, rest: Mapping[str, torch.Tensor], *, tied: Mapping[str, str] | None = None,
                  quant_config=None, quality: Mapping[str, Any] | None = None, hf_config=None,
                  generation_config=None, tokenizer=None, unfused: Iterable[str] = (),
-                 buffer_dtypes: Mapping[str, str] | None = None) -> Path:
-        """Write the tensors outside the blocks and the JSON files, then publish the checkpoint."""
+                 buffer_dtypes: Mapping[str, str] | None = None,
+                 extra_layers: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+        """Write the tensors outside the blocks and the JSON files, then publish the checkpoint.
+
+        ``extra_layers``: JSON entries of quantized layers stored in ``rest`` (models without blocks).
+        """
         rest_name = "rest.safetensors"
-        _save_safetensors(rest, self.work / rest_name)
         blocks = [self.state["blocks"][k] for k in sorted(self.state["blocks"], key=int)]
         layers: dict[str, Any] = {}
         for b in blocks:
             layers.update(b["layers"])
+        layers.update(extra_layers or {})
+        _save_safetensors(cast_unquantized(rest, self.dtype, layers), self.work / rest_name)
         parts = [self.work / b["file"] for b in blocks] + [self.work / rest_name]
         total = sum(p.stat().st_size for p in parts)
         meta = {
@@ -184,6 +207,8 @@ class CheckpointWriter:
             "unfused_experts": sorted(unfused),
             "buffer_dtypes": dict(sorted((buffer_dtypes or {}).items())),
         }
+        if self.dtype is not None:
+            meta["unquantized_dtype"] = _dtype_name(self.dtype)
         if quality:
             meta["quality"] = dict(quality)
         with atomic_directory(self.path, self.overwrite) as tmp:
@@ -200,7 +225,7 @@ class CheckpointWriter:
                     {"metadata": {"total_size": total, "qera_version": __version__}, "weight_map": weight_map}, indent=1))
             (tmp / QERA_CONFIG).write_text(json.dumps(meta, indent=1))
             if hf_config is not None:
-                hf_config = _without_quantization_config(hf_config)
+                hf_config = _without_quantization_config(hf_config, self.dtype)
                 hf_config.save_pretrained(tmp)
             if generation_config is not None:
                 try:
@@ -219,12 +244,14 @@ class CheckpointWriter:
             shutil.rmtree(self.work, ignore_errors=True)
 
 
-def _without_quantization_config(hf_config):
+def _without_quantization_config(hf_config, dtype: torch.dtype | None = None):
     import copy
 
     cfg = copy.deepcopy(hf_config)
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
+    if dtype is not None:
+        cfg.dtype = dtype  # config.json's "dtype": the dtype the stored non-quantized weights have
     return cfg
 
 
@@ -267,12 +294,15 @@ def buffer_dtypes(model: nn.Module) -> dict[str, str]:
 
 
 def save_quantized(model: nn.Module, tokenizer, path: str | os.PathLike, overwrite: bool = False, report=None,
-                   config=None, max_shard_bytes: int = DEFAULT_MAX_SHARD) -> Path:
+                   config=None, max_shard_bytes: int = DEFAULT_MAX_SHARD, dtype: torch.dtype | str | None = None) -> Path:
     """Write a quantized model (and tokenizer, if given) to ``path`` atomically; returns the path.
 
     ``config`` (a :class:`~qera.config.QuantConfig`) or ``report`` (whose config is used) is stored
     as the checkpoint's ``quant_config``. Refuses an existing ``path`` unless ``overwrite``.
+    ``dtype`` (e.g. ``torch.bfloat16``): store the non-quantized weights (embeddings, norms, LM head)
+    in it; None keeps the model's dtypes. The quantized layers are stored as they are either way.
     """
+    dtype = parse_dtype(dtype)
     from ..targets import find_blocks
 
     layers = quantized_layers(model)
@@ -280,7 +310,8 @@ def save_quantized(model: nn.Module, tokenizer, path: str | os.PathLike, overwri
         raise QeraError("the model has no quantized layers; run quantize_model first")
     if config is None and report is not None:
         config = report.config
-    writer = CheckpointWriter(path, overwrite=overwrite, keep_on_error=False, max_shard_bytes=max_shard_bytes)
+    writer = CheckpointWriter(path, overwrite=overwrite, keep_on_error=False, max_shard_bytes=max_shard_bytes,
+                              dtype=dtype)
     try:
         try:
             blocks_name, blocks = find_blocks(model, list(layers))
@@ -296,9 +327,23 @@ def save_quantized(model: nn.Module, tokenizer, path: str | os.PathLike, overwri
             rest, tied=tied, quant_config=config, quality=report.quality() if report is not None else None,
             hf_config=getattr(model, "config", None), generation_config=getattr(model, "generation_config", None),
             tokenizer=tokenizer, unfused=unfused_names(model), buffer_dtypes=buffer_dtypes(model),
+            extra_layers=None if skip else {n: layer_meta(m) for n, m in layers.items()},
         )
     except BaseException:
         writer.close(success=False)
         raise
+
+
+STORAGE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``"bfloat16"`` / ``torch.bfloat16`` / None → a storage dtype for the non-quantized weights."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in {getattr(torch, n) for n in STORAGE_DTYPES}:
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    if name not in STORAGE_DTYPES:
+        raise QeraError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    return getattr(torch, name)
 
 

@@ -50,24 +50,39 @@ class QERAApprox(DiagonalScaled):
         return stats.mean_sq().clamp_min(0).sqrt()
 
 
+def shrink_toward_diagonal_(R: torch.Tensor, lam: float) -> torch.Tensor:
+    """``R ← (1 − λ) R + λ diag(R)`` in place, shape ``(d, d)``: off-diagonal entries scaled by ``1 − λ``.
+
+    A convex combination of two PSD matrices, so ``R_λ`` stays PSD; its diagonal is ``diag(R)``.
+    """
+    d = torch.diagonal(R).clone()
+    R.mul_(1.0 - lam)
+    torch.diagonal(R).copy_(d)
+    return R
+
+
 @METHODS.register("qera-exact")
 class QERAExact(Method):
     """Whiten by ``R = E[xᵀx]``: the closed-form minimizer of ``E‖x (W̃ + BA - W)ᵀ‖²``.
 
-    Option ``damp`` (default 0) adds ``damp · mean(diag R) · I`` to ``R`` — a ridge towards the
-    weight-error solution, useful when calibration data are scarce.
+    Options: ``damp`` (default 0) adds ``damp · mean(diag R) · I`` to ``R`` — a ridge towards the
+    weight-error solution, useful when calibration data are scarce. ``shrink`` λ ∈ [0, 1] (default
+    0) solves with ``R_λ = (1 − λ) R + λ diag(R)``: λ = 1 is qera-approx's metric, so λ trades the
+    exact correlations for robustness to a shift between calibration and inference inputs.
     """
 
     name = "qera-exact"
     needs: ClassVar[frozenset[str]] = frozenset({"xtx"})
-    option_names = Method.option_names | {"damp"}
+    option_names = Method.option_names | {"damp", "shrink"}
 
-    def __init__(self, damp: float = 0.0, **options) -> None:
+    def __init__(self, damp: float = 0.0, shrink: float = 0.0, **options) -> None:
         super().__init__(**options)
         if not 0.0 <= float(damp) < 1e3:
             raise ValueError(f"damp must be in [0, 1000), got {damp}")
-        self.damp = float(damp)
-        self.options["damp"] = self.damp
+        if not 0.0 <= float(shrink) <= 1.0:
+            raise QeraError(f"{self.name}: shrink must be in [0, 1] (0 = exact R, 1 = its diagonal), got {shrink}")
+        self.damp, self.shrink = float(damp), float(shrink)
+        self.options.update(damp=self.damp, shrink=self.shrink)
 
     def solve_error(self, D, rank, stats, name):
         n = stats.dim
@@ -83,6 +98,8 @@ class QERAExact(Method):
                 "the solution stays finite and optimal on the observed subspace",
                 name or "layer", stats.count, n, dead,
             )
+        if self.shrink:
+            shrink_toward_diagonal_(R, self.shrink)
         if self.damp:
             diag.add_(self.damp * mean_diag)  # R is our own copy
         return weighted_lowrank(D, rank, autocorr=R, opts=self.solver)
@@ -122,6 +139,8 @@ class QERAIter(QERAExact):
             fmt = qweight.fmt
         W32 = W.detach().to(torch.float32)
         R = stats.autocorrelation(torch.float64).to(W.device)
+        if self.shrink:  # the same metric for re-rounding and scoring as for the solves
+            shrink_toward_diagonal_(R, self.shrink)
         rec = super().solve(W, qweight, rank, stats, fmt, name)
         yield rec, weighted_error(W32 - rec.w_q, rec.A, rec.B, R)
         for _ in range(self.iters - 1):

@@ -1,0 +1,151 @@
+"""A quantization report people can look at: Markdown + PNGs from a :class:`~qera.report.QuantReport`.
+
+``write_report(report, "report.md")`` writes ``report.md``, the same data as ``report.json`` beside
+it, and ``report_files/*.png`` (with matplotlib; without it the Markdown says the figures were
+skipped). The figures: each layer's output error after / before reconstruction against depth, by
+layer type; and the time each layer's solve took.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+from .atomic import write_text
+from .report import LayerReport, QuantReport
+
+log = logging.getLogger(__name__)
+
+_DEPTH = re.compile(r"\.(\d+)\.")
+
+
+def layer_type(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` → ``q_proj`` (the last name component)."""
+    return name.rsplit(".", 1)[-1]
+
+
+def depth(layer: LayerReport) -> int | None:
+    """Decoder block index of a layer (from the report, else the first number in its name)."""
+    if layer.block is not None:
+        return layer.block
+    m = _DEPTH.search(f".{layer.name}.")
+    return int(m.group(1)) if m else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def by_type(layers: Sequence[LayerReport]) -> list[dict]:
+    """Per layer type: count, mean output- and weight-error ratios (after / before), total solve seconds."""
+    groups: dict[str, list[LayerReport]] = defaultdict(list)
+    for lay in layers:
+        groups[layer_type(lay.name)].append(lay)
+    rows = []
+    for t, ls in groups.items():
+        out = [r for r in (_ratio(l.output_error_after, l.output_error_before) for l in ls) if r is not None]
+        w = [r for r in (_ratio(l.weight_error_after, l.weight_error_before) for l in ls) if r is not None]
+        rows.append({"type": t, "layers": len(ls), "rank": sorted({l.rank for l in ls}),
+                     "bits_total": sum(l.bits_total for l in ls) / len(ls),
+                     "output_error_ratio": sum(out) / len(out) if out else None,
+                     "weight_error_ratio": sum(w) / len(w) if w else None,
+                     "seconds": sum(l.seconds for l in ls)})
+    return rows
+
+
+def _fmt(v, spec: str = ".4f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _figures(report: QuantReport, folder: Path) -> list[tuple[str, Path]]:
+    try:
+        from .plots import _plt
+
+        plt = _plt()
+    except ImportError:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for lay in report.layers:
+        d = depth(lay)
+        if d is not None:
+            series[layer_type(lay.name)].append((d, _ratio(lay.output_error_after, lay.output_error_before) or float("nan"),
+                                                 lay.seconds))
+    if any(any(v == v for _, v, _ in pts) for pts in series.values()):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for t, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=t)
+        ax.set(xlabel="decoder block", ylabel="output error after / before",
+               title="Layer output error left by the reconstruction (lower is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        path = folder / "output_error.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(("Output error by depth", path))
+    if series:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        for t, pts in sorted(series.items()):
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker=".", label=t)
+        ax.set(xlabel="decoder block", ylabel="seconds", title="Solve time per layer")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        path = folder / "solve_seconds.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(("Solve time", path))
+    return out
+
+
+def render_markdown(report: QuantReport, figures: Sequence[tuple[str, Path]] = (), base: Path | None = None) -> str:
+    """The report as Markdown; ``figures`` (title, path) are linked relative to ``base``."""
+    s, c = report.summary(), report.config
+    lines = [
+        "# qera quantization report", "",
+        f"- method **{c.method}**, format **{c.format}**, rank {c.rank}, rounding {c.rounding}, pipeline {s['pipeline']}",
+        f"- {s['layers']} layers, {s['params']:,} weights: {s['bits_weight']:.3f} bits/weight, "
+        f"{s['bits_total']:.3f} with the low-rank term",
+        f"- mean output error after / before: {_fmt(s['mean_output_error_ratio'])}",
+        f"- calibration: {s['calibration_tokens']:,} tokens, {s['calibration_seconds']:.1f} s; "
+        f"solve {s['solve_seconds']:.1f} s",
+    ]
+    lines += [f"- note: {n}" for n in report.notes]
+    if not figures:
+        lines.append("- figures: skipped (install matplotlib: `pip install qera[plot]`)")
+    lines += ["", "## By layer type", "", "| type | layers | rank | bits (+AB) | output err. ratio | weight err. ratio | solve s |",
+              "|---|---:|---|---:|---:|---:|---:|"]
+    for r in by_type(report.layers):
+        lines.append(f"| {r['type']} | {r['layers']} | {','.join(map(str, r['rank']))} | {r['bits_total']:.3f} | "
+                     f"{_fmt(r['output_error_ratio'])} | {_fmt(r['weight_error_ratio'])} | {r['seconds']:.2f} |")
+    for title, path in figures:
+        rel = path.relative_to(base) if base is not None else path
+        lines += ["", f"## {title}", "", f"![{title}]({rel.as_posix()})"]
+    lines += ["", "## Layers", "", "| layer | shape | rank | bits (+AB) | output err. before | after | ratio | tokens | s | note |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for lay in report.layers:
+        lines.append(
+            f"| {lay.name} | {lay.shape[0]}×{lay.shape[1]} | {lay.rank} | {lay.bits_total:.3f} | "
+            f"{_fmt(lay.output_error_before, '.4g')} | {_fmt(lay.output_error_after, '.4g')} | "
+            f"{_fmt(_ratio(lay.output_error_after, lay.output_error_before))} | {lay.tokens if lay.tokens is not None else '–'} | "
+            f"{lay.seconds:.2f} | {lay.note or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: QuantReport, path: str | Path) -> Path:
+    """Write ``path`` as JSON (``.json``) or Markdown (``.md``: plus the JSON beside it and PNGs in ``<stem>_files/``)."""
+    path = Path(path)
+    if path.suffix.lower() != ".md":
+        write_text(path, report.to_json())
+        return path
+    write_text(path.with_suffix(".json"), report.to_json())
+    figures = _figures(report, path.parent / f"{path.stem}_files")
+    write_text(path, render_markdown(report, figures, base=path.parent))
+    log.info("report written to %s", path)
+    return path
