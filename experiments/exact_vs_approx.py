@@ -25,14 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _protocol import DATA  # noqa: E402
 
 from qera import QuantConfig, find_targets, load_model, perplexity, quantize_model  # noqa: E402
 from qera.calibration import collect_statistics  # noqa: E402
-from qera.data import bos_id, calibration_batches, load_text  # noqa: E402
+from qera.data import bos_id, calibration_batches, load_text, prepend_bos  # noqa: E402
 from qera.targets import replace_module  # noqa: E402
 
 GROUPS = {"qkv": [r"\.(q|k|v)_proj$"], "o": [r"\.o_proj$"], "gateup": [r"\.(gate|up)_proj$"],
@@ -45,21 +43,11 @@ def other_domain_text() -> str:
     return "\n".join(s for line in lines for s in line.split("\t")[3:5])
 
 
-def with_bos(batches: list[dict], bos: int) -> list[dict]:
-    """Windows of the same length whose first token is BOS (as the perplexity windows are)."""
-    out = []
-    for b in batches:
-        ids = torch.cat([torch.full_like(b["input_ids"][:, :1], bos), b["input_ids"][:, :-1]], dim=1)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    return out
-
-
 def parse_variant(v: str) -> dict:
     """``method[:k=v,...][@calib][/approx=G]`` → parts."""
     swap = None
     if "/approx=" in v:
         v, swap = v.split("/approx=")
-        v = v.replace("/approx", "")
     calib = "plain"
     if "@" in v:
         v, calib = v.split("@")
@@ -87,7 +75,10 @@ def main() -> None:
              "mrpc-news": other_domain_text()}
     plain = calibration_batches(tok, load_text(str(DATA / "wikitext-2" / "wiki.valid.tokens"), "calibration"),
                                 n_samples=args.calib, seq_len=512, seed=0, batch_size=8, bos=False)
-    calibs = {"plain": plain, "bos": with_bos(plain, tok.bos_token_id) if bos_id(tok) is not None else plain}
+    # the same windows shifted right by BOS: exactly what calibration_batches' default does for this tokenizer
+    bos = bos_id(tok)
+    calibs = {"plain": plain, "bos": plain if bos is None else [
+        {"input_ids": prepend_bos(b["input_ids"], bos), "attention_mask": b["attention_mask"]} for b in plain]}
     stats_cache: dict[str, object] = {}
 
     def ppls() -> dict[str, float]:

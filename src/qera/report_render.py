@@ -60,6 +60,22 @@ def _fmt(v, spec: str = ".4f") -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _depth_plot(plt, series: dict[str, list[tuple]], column: int, path: Path, size: tuple[float, float],
+                ylabel: str, title: str, **style) -> Path:
+    """One line per layer type: ``point[column]`` against the decoder block ``point[0]``; saved as ``path``."""
+    fig, ax = plt.subplots(figsize=size)
+    for t, pts in sorted(series.items()):
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[column] for p in pts], label=t, **style)
+    ax.set(xlabel="decoder block", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _figures(report: QuantReport, folder: Path) -> list[tuple[str, Path]]:
     try:
         from .plots import _plt
@@ -76,31 +92,12 @@ def _figures(report: QuantReport, folder: Path) -> list[tuple[str, Path]]:
             series[layer_type(lay.name)].append((d, _ratio(lay.output_error_after, lay.output_error_before) or float("nan"),
                                                  lay.seconds))
     if any(any(v == v for _, v, _ in pts) for pts in series.values()):
-        fig, ax = plt.subplots(figsize=(8, 4))
-        for t, pts in sorted(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=t)
-        ax.set(xlabel="decoder block", ylabel="output error after / before",
-               title="Layer output error left by the reconstruction (lower is better)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
-        fig.tight_layout()
-        path = folder / "output_error.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        out.append(("Output error by depth", path))
+        out.append(("Output error by depth", _depth_plot(
+            plt, series, 1, folder / "output_error.png", (8, 4), "output error after / before",
+            "Layer output error left by the reconstruction (lower is better)", marker="o", ms=3)))
     if series:
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        for t, pts in sorted(series.items()):
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], marker=".", label=t)
-        ax.set(xlabel="decoder block", ylabel="seconds", title="Solve time per layer")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
-        fig.tight_layout()
-        path = folder / "solve_seconds.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        out.append(("Solve time", path))
+        out.append(("Solve time", _depth_plot(plt, series, 2, folder / "solve_seconds.png", (8, 3.5), "seconds",
+                                              "Solve time per layer", marker=".")))
     return out
 
 

@@ -339,9 +339,9 @@ STORAGE_DTYPES = ("bfloat16", "float16", "float32")
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """``"bfloat16"`` / ``torch.bfloat16`` / None → a storage dtype for the non-quantized weights."""
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype in {getattr(torch, n) for n in STORAGE_DTYPES}:
-        return dtype
-    name = str(dtype).replace("torch.", "")
+    if dtype is None:
+        return None
+    name = str(dtype).replace("torch.", "")  # str(torch.bfloat16) == "torch.bfloat16"
     if name not in STORAGE_DTYPES:
         raise QeraError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
     return getattr(torch, name)
