@@ -130,10 +130,12 @@ for line in open("/proc/self/status"):
 
 
 def test_compare_peak_memory_does_not_grow_with_settings(tmp_path, text_file):
-    """One quantized copy of each layer at a time: 6 (method, setting) runs peak like 1 run.
+    """One quantized copy of each layer at a time: 12 (method, setting) runs peak like 1 run.
 
-    The model's linear layers take 103 MB in fp32: a copy kept per run would add 5 x 103 MB, while
-    allocator noise between two runs of the same process is about 50 MB, so the bound is one copy."""
+    The model's linear layers take 103 MB in fp32, so a copy kept per run would add 11 x 103 MB.
+    The peak of the same command varies by up to ~130 MB between processes (measured: 1016 and
+    1143 MB for two identical single runs, CI saw +147 MB for 6 runs), so the bound is three copies:
+    well above that noise, well below any per-run retention."""
     import os
     import subprocess
     import sys
@@ -156,9 +158,9 @@ def test_compare_peak_memory_does_not_grow_with_settings(tmp_path, text_file):
         return int(line[-1].split()[1])
 
     one = peak("qera-exact", "mxint4@4")
-    six = peak("w-only,zeroquant-v2,qera-exact", "mxint4@4,mxint3@4")
+    many = peak("w-only,zeroquant-v2,qera-exact", "mxint4@4,mxint3@4,mxint4@8,mxint3@8")
     linear_bytes = 2 * (4 * 1024 * 1024 + 3 * 1024 * 2816) * 4
-    assert six - one < linear_bytes, (one, six, linear_bytes)
+    assert many - one < 3 * linear_bytes, (one, many, linear_bytes)
 
 
 def test_quantize_with_gptq_rounding(tmp_path, capsys, model_dir, text_file):
