@@ -94,3 +94,20 @@ def test_two_processes_resume_a_killed_run(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_checkpoint(d / "one", out)
     assert not (tmp_path / ".q.partial").exists()
+
+
+def test_two_processes_allocate_ranks_like_one(setup, tmp_path):
+    """--rank-budget under torchrun: every rank allocates the same per-block ranks as one process."""
+    import json
+
+    d = setup
+    argv = [*args(d / "src", d / "t.txt", tmp_path / "one"), "--rank-budget", "3"]
+    from qera.cli import main
+
+    assert main(argv) == 0
+    proc = torchrun([*args(d / "src", d / "t.txt", tmp_path / "two"), "--rank-budget", "3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [{n: m["rank"] for n, m in json.loads((tmp_path / k / "qera_config.json").read_text())["layers"].items()}
+             for k in ("one", "two")]
+    assert ranks[0] == ranks[1] and len(set(ranks[0].values())) > 1
+    assert_same_checkpoint(tmp_path / "one", tmp_path / "two")

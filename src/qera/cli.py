@@ -73,6 +73,13 @@ def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
                    help="also quantize the quantized GEMM's input, e.g. mxint8 (LQER's W4A8); low-rank branch stays high precision")
     g.add_argument("--method-opt", action="append", metavar="KEY=VALUE", help="method option, e.g. iters=5 (repeatable)")
     g.add_argument("--rank-override", action="append", metavar="REGEX=RANK", help="per-layer rank (repeatable)")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--rank-budget", type=float, metavar="R",
+                        help="allocate ranks across layers within the A/B parameters of rank R everywhere (replaces --rank)")
+    budget.add_argument("--extra-bits", type=float, metavar="BITS",
+                        help="allocate ranks across layers within BITS bits per weight for A and B (replaces --rank)")
+    g.add_argument("--rank-normalize", choices=["output", "error", "none"], default="output",
+                   help="what makes layer errors comparable for the allocation (default: output energy trace(W R Wᵀ))")
     g.add_argument("--include", action="append", metavar="REGEX", help="target module regex (repeatable)")
     g.add_argument("--exclude", action="append", metavar="REGEX", help="excluded module regex (repeatable)")
     g.add_argument("--stats", help="statistics file from 'qera calibrate' (skips calibration)")
@@ -184,6 +191,9 @@ def _config(args, fmt: str, method: str, rank: int):
         kw["include"] = args.include
     if args.exclude:
         kw["exclude"] = args.exclude
+    if METHODS.get(method).uses_rank:
+        kw.update(rank_budget=getattr(args, "rank_budget", None), extra_bits=getattr(args, "extra_bits", None),
+                  rank_normalize=getattr(args, "rank_normalize", "output"))
     if not METHODS.get(method).uses_rank:
         kw["method_options"] = {}
     elif "iters" in kw["method_options"] and method != "loftq":
@@ -328,12 +338,35 @@ def cmd_info(args) -> int:
     qc = meta.get("quant_config") or {}
     b = meta["bits"]
     ranks = sorted({m["rank"] for m in meta["layers"].values()})
+    allocated = qc.get("rank_budget") is not None or qc.get("extra_bits") is not None
     payload = {"path": str(args.path), "qera_version": meta.get("qera_version"), "layers": len(meta["layers"]),
                "format": qc.get("format"), "method": qc.get("method"), "rank": qc.get("rank"),
                "ranks": ranks, "pipeline": qc.get("pipeline"), "propagate": qc.get("propagate"),
                "bits_weight": b["bits_weight"], "bits_total": b["bits_total"], "bytes_on_disk": size}
-    _emit(args, payload, "\n".join(f"{k:>13}: {v}" for k, v in payload.items()))
+    text = "\n".join(f"{k:>13}: {v}" for k, v in payload.items())
+    if allocated:
+        payload["rank_budget"], payload["extra_bits"] = qc.get("rank_budget"), qc.get("extra_bits")
+        payload["layer_ranks"] = {n: m["rank"] for n, m in meta["layers"].items()}
+        text += "\n" + _rank_table(payload["layer_ranks"])
+    _emit(args, payload, text)
     return 0
+
+
+def _rank_table(layer_ranks: dict[str, int]) -> str:
+    """Allocated ranks as a block × layer-type table (rows: blocks; columns: the layers' last name part)."""
+    import re
+
+    rows: dict[str, dict[str, int]] = {}
+    kinds: list[str] = []
+    for name, r in layer_ranks.items():
+        m = re.search(r"\.(\d+)\.(.+)$", name)
+        block, kind = (m.group(1), m.group(2).split(".")[-1]) if m else ("-", name)
+        rows.setdefault(block, {})[kind] = r
+        if kind not in kinds:
+            kinds.append(kind)
+    lines = ["allocated ranks (block x layer):", "block " + " ".join(f"{k[:9]:>9}" for k in kinds)]
+    lines += [f"{b:>5} " + " ".join(f"{row.get(k, ''):>9}" for k in kinds) for b, row in rows.items()]
+    return "\n".join(lines)
 
 
 def cmd_export(args) -> int:

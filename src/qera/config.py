@@ -42,6 +42,12 @@ class QuantConfig:
     rounding: how ``W̃`` is placed on the grid before the reconstruction: ``rtn`` (round to
         nearest) or ``gptq`` (column by column with error feedback through ``R``; needs ``Σxᵀx``).
     gptq_damp: GPTQ's damping, as a fraction of the mean diagonal of ``R`` (0 < damp ≤ 1).
+    rank_budget: allocate ranks across layers instead of ``rank`` everywhere, within the A/B
+        parameters of this average rank (``8`` = as many as rank 8 on every layer); ranks go where a
+        rank unit removes the most normalized error (see :mod:`qera.allocation`).
+    extra_bits: the same budget given as bits per weight spent on A and B (e.g. ``0.4``).
+    rank_normalize: how layer errors are made comparable for the allocation: ``output`` (by
+        ``trace(W R Wᵀ)``), ``error`` (by the error before the low-rank term) or ``none``.
     act_format: quantize the input of each quantized GEMM too (e.g. ``mxint8`` for LQER's W4A8);
         the low-rank branch keeps the high-precision input. None: weights only.
     """
@@ -61,6 +67,9 @@ class QuantConfig:
     rounding: str = "rtn"
     gptq_damp: float = 0.01
     act_format: str | None = None
+    rank_budget: float | None = None
+    extra_bits: float | None = None
+    rank_normalize: str = "output"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -101,11 +110,41 @@ class QuantConfig:
                 or not 0 < self.gptq_damp <= 1:
             raise QeraError(f"gptq_damp must be a number in (0, 1], got {self.gptq_damp!r}")
         self.gptq_damp = float(self.gptq_damp)
+        self._check_allocation(uses_rank)
         if self.propagate == "quantized" and self.pipeline == "oneshot":
             raise QeraError("propagate='quantized' needs pipeline='sequential' (or 'auto')")
         if self.version != CONFIG_VERSION:
             raise QeraError(f"unsupported config version {self.version} (this qera reads {CONFIG_VERSION})")
         get_method(self.method, **self.solver_options())  # validates the options
+
+    def _check_allocation(self, uses_rank: bool) -> None:
+        from .allocation import NORMALIZERS
+
+        for key in ("rank_budget", "extra_bits"):
+            v = getattr(self, key)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1e6:
+                raise QeraError(f"{key} must be a positive number, got {v!r}")
+            setattr(self, key, float(v))
+        if self.rank_budget is not None and self.extra_bits is not None:
+            raise QeraError("give rank_budget or extra_bits, not both (they are two ways to state one budget)")
+        if self.allocates and not uses_rank:
+            raise QeraError(f"method {self.method!r} has no low-rank term: a rank budget does not apply")
+        if self.rank_normalize not in NORMALIZERS:
+            raise QeraError(f"rank_normalize must be one of {', '.join(NORMALIZERS.names())}, got {self.rank_normalize!r}")
+
+    @property
+    def allocates(self) -> bool:
+        """Ranks are chosen per layer under a budget (``rank_budget`` or ``extra_bits``)."""
+        return self.rank_budget is not None or self.extra_bits is not None
+
+    def fixed_rank(self, name: str) -> int | None:
+        """The rank a ``rank_overrides`` pattern sets for ``name``, or None."""
+        for pattern, r in self.rank_overrides.items():
+            if re.search(pattern, name):
+                return r
+        return None
 
     def solver_options(self) -> dict[str, Any]:
         opts = dict(self.method_options)
@@ -118,10 +157,8 @@ class QuantConfig:
         return opts
 
     def rank_for(self, name: str) -> int:
-        for pattern, r in self.rank_overrides.items():
-            if re.search(pattern, name):
-                return r
-        return self.rank
+        fixed = self.fixed_rank(name)
+        return self.rank if fixed is None else fixed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

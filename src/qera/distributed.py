@@ -144,15 +144,17 @@ class Dist:
         dist.barrier()
 
 
-def broadcast_result(dist_: Dist, result, src: int, name: str, module: nn.Module, quantizer) -> Any:
-    """A :class:`~qera.layer.LayerResult` solved on rank ``src``, rebuilt on every rank."""
+def broadcast_result(dist_: Dist, result, src: int, name: str, module: nn.Module, quantizer,
+                     rank: int | None = None) -> Any:
+    """A :class:`~qera.layer.LayerResult` solved on rank ``src``, rebuilt on every rank
+    (``rank``: the layer's allocated rank, when ranks were allocated)."""
     from .formats import QuantizedWeight
     from .layer import LayerResult
     from .report import LayerReport
     from .targets import linear_shape, linear_weight
 
     out_f, in_f = linear_shape(module)
-    rank = quantizer.rank_for(name)
+    rank = quantizer.rank_for(name) if rank is None else rank
     w = linear_weight(module)
     spec = {f"q.{k}": v for k, v in quantizer.fmt.stored_shapes((out_f, in_f)).items()}
     spec["A"], spec["B"] = ((rank, in_f), torch.float32), ((out_f, rank), torch.float32)

@@ -13,10 +13,13 @@ from typing import Callable, Protocol
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from .allocation import ErrorCurve, allocate_ranks, budget_params, summarize
 from .config import QuantConfig
 from .errors import QeraError, where
 from .formats import QuantizedWeight, parse_format
+from .linalg import error_spectrum, metric_energy
 from .methods import Reconstruction, get_method
 from .report import LayerReport
 from .rounding import ROUNDING_NEEDS, ROUNDINGS
@@ -112,10 +115,41 @@ class LayerQuantizer:
     def rank_for(self, name: str) -> int:
         return self.config.rank_for(name) if self.method.uses_rank else 0
 
-    def check(self, name: str, module: nn.Module, stats: ActivationStats | None) -> None:
-        """Everything that can be checked before any layer is replaced (shape, rank, statistics)."""
+    def error_curve(self, name: str, module: nn.Module, stats: ActivationStats | None) -> tuple[QuantizedWeight, ErrorCurve]:
+        """``(W̃, curve)``: the rounded weight and what each rank unit would remove from its error,
+        in the method's metric (the weight error where no calibration tokens reached the layer)."""
+        W = linear_weight(module).detach()
+        q0 = self.round(name, W, stats)
+        D = W.to(torch.float32) - q0.dequantize(torch.float32).to(W.device)
+        if self.needs and stats is not None and stats.count > 0:
+            scale, R = self.method.metric(stats, name)
+        else:
+            scale, R = None, None
+        R = R.to(W.device) if R is not None else None
+        curve = ErrorCurve(name, error_spectrum(D, scale, R), sum(D.shape), metric_energy(W, scale, R),
+                           fixed=self.config.fixed_rank(name))
+        return q0, curve
+
+    def allocate(self, mods: dict[str, nn.Module], stats_of: Callable[[str], ActivationStats | None],
+                 progress: bool = False) -> tuple[dict[str, int], dict[str, QuantizedWeight], str]:
+        """Ranks for ``mods`` under the config's budget (their share of it), the rounded weights
+        (so the solve does not round again) and a one-line summary for the report."""
+        cfg = self.config
+        shapes = {n: linear_shape(m) for n, m in mods.items()}
+        budget = budget_params(shapes, cfg.rank_budget, cfg.extra_bits, self.lowrank_bits)
+        q0s, curves = {}, []
+        for name, mod in tqdm(mods.items(), desc="error spectra", unit="layer", disable=not progress):
+            q0s[name], curve = self.error_curve(name, mod, stats_of(name))
+            curves.append(curve)
+        ranks = allocate_ranks(curves, budget, cfg.rank_normalize)
+        return ranks, q0s, summarize(ranks, curves, budget)
+
+    def check(self, name: str, module: nn.Module, stats: ActivationStats | None, rank: int | None = None) -> None:
+        """Everything that can be checked before any layer is replaced (shape, rank, statistics).
+
+        ``rank``: the layer's rank when it was allocated (default: the config's rank for the layer)."""
         out_f, in_f = linear_shape(module)
-        rank = self.rank_for(name)
+        rank = self.rank_for(name) if rank is None else rank
         if rank > min(out_f, in_f):
             raise QeraError(
                 f"rank must be an integer in 1..{min(out_f, in_f)} for a {out_f}x{in_f} weight, got {rank}{where(name)}"
@@ -133,12 +167,14 @@ class LayerQuantizer:
             raise QeraError(f"statistics width {stats.dim} != in_features {in_f}{where(name)}")
 
     def __call__(
-        self, name: str, module: nn.Module, stats: ActivationStats | None, output_error: bool = True
+        self, name: str, module: nn.Module, stats: ActivationStats | None, output_error: bool = True,
+        rank: int | None = None, q0: QuantizedWeight | None = None,
     ) -> LayerResult:
+        """Solve one layer; ``rank`` and ``q0`` (its already rounded weight) come from :meth:`allocate`."""
         W = linear_weight(module).detach()
-        rank = self.rank_for(name)
+        rank = self.rank_for(name) if rank is None else rank
         t0 = time.perf_counter()
-        q0 = self.round(name, W, stats)
+        q0 = self.round(name, W, stats) if q0 is None else q0
         note = None
         if rank == 0:  # w-only, or a rank override of 0: quantization alone
             w_q = q0.dequantize(torch.float32)

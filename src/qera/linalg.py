@@ -171,6 +171,30 @@ def optimal_objective(D: torch.Tensor, rank: int, autocorr: torch.Tensor | None 
     return float(torch.trace(G) - vals[vals.numel() - min(rank, vals.numel()):].sum())
 
 
+def error_spectrum(D: torch.Tensor, scale: torch.Tensor | None = None, autocorr: torch.Tensor | None = None) -> torch.Tensor:
+    """Eigenvalues of ``G = D R Dᵀ``, largest first, clamped at 0: shape ``(min(out, in),)``, float64.
+
+    The rank-k optimum of ``trace((D − BA) R (D − BA)ᵀ)`` removes exactly the first k of them, so
+    entry ``k`` is what the (k+1)-th rank unit gains. A tall ``D = Q T`` uses ``T R Tᵀ`` (same nonzero
+    spectrum, ``in × in``); a wide one ``D R Dᵀ`` (``out × out``).
+    """
+    if D.shape[0] > D.shape[1]:
+        _, D = torch.linalg.qr(D.to(torch.float64))
+    vals = torch.linalg.eigvalsh(gram_matrix(D, scale, autocorr))
+    return vals.flip(0).clamp_min(0.0)
+
+
+def metric_energy(W: torch.Tensor, scale: torch.Tensor | None = None, autocorr: torch.Tensor | None = None) -> float:
+    """``trace(W R Wᵀ)`` in float64 sums: the layer's output energy in the metric ``R`` (see :func:`gram_matrix`)."""
+    if autocorr is not None:
+        empty = W.new_zeros(0, W.shape[1])
+        return weighted_error(W, empty, W.new_zeros(W.shape[0], 0), autocorr.to(W.device))
+    M = W.to(torch.float64)
+    if scale is not None:
+        M = M * scale.to(device=W.device, dtype=torch.float64)
+    return float((M * M).sum())
+
+
 def psd_factor(R: torch.Tensor, floor: float = 1e-10, name: str | None = None) -> torch.Tensor:
     """A factor ``L`` with ``L Lᵀ ≈ R`` in float64, never complex or NaN (for analysis and reference).
 

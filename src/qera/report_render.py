@@ -85,20 +85,31 @@ def _figures(report: QuantReport, folder: Path) -> list[tuple[str, Path]]:
         return []
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    series: dict[str, list[tuple[int, float, float, int]]] = defaultdict(list)
     for lay in report.layers:
         d = depth(lay)
         if d is not None:
             series[layer_type(lay.name)].append((d, _ratio(lay.output_error_after, lay.output_error_before) or float("nan"),
-                                                 lay.seconds))
-    if any(any(v == v for _, v, _ in pts) for pts in series.values()):
+                                                 lay.seconds, lay.rank))
+    if any(any(p[1] == p[1] for p in pts) for pts in series.values()):
         out.append(("Output error by depth", _depth_plot(
             plt, series, 1, folder / "output_error.png", (8, 4), "output error after / before",
             "Layer output error left by the reconstruction (lower is better)", marker="o", ms=3)))
+    if len({p[3] for pts in series.values() for p in pts}) > 1:  # ranks differ across layers (allocated or overridden)
+        out.append(("Rank by depth", _depth_plot(plt, series, 3, folder / "ranks.png", (8, 3.5), "rank",
+                                                 "Rank of each layer's low-rank term", marker="o", ms=3)))
     if series:
         out.append(("Solve time", _depth_plot(plt, series, 2, folder / "solve_seconds.png", (8, 3.5), "seconds",
                                               "Solve time per layer", marker=".")))
     return out
+
+
+def _rank_text(c) -> str:
+    if c.rank_budget is not None:
+        return f"ranks allocated within the parameters of rank {c.rank_budget:g} everywhere ({c.rank_normalize} normalization)"
+    if c.extra_bits is not None:
+        return f"ranks allocated within {c.extra_bits:g} extra bits per weight ({c.rank_normalize} normalization)"
+    return f"rank {c.rank}"
 
 
 def render_markdown(report: QuantReport, figures: Sequence[tuple[str, Path]] = (), base: Path | None = None) -> str:
@@ -106,7 +117,8 @@ def render_markdown(report: QuantReport, figures: Sequence[tuple[str, Path]] = (
     s, c = report.summary(), report.config
     lines = [
         "# qera quantization report", "",
-        f"- method **{c.method}**, format **{c.format}**, rank {c.rank}, rounding {c.rounding}, pipeline {s['pipeline']}",
+        f"- method **{c.method}**, format **{c.format}**, "
+        f"{_rank_text(c)}, rounding {c.rounding}, pipeline {s['pipeline']}",
         f"- {s['layers']} layers, {s['params']:,} weights: {s['bits_weight']:.3f} bits/weight, "
         f"{s['bits_total']:.3f} with the low-rank term",
         f"- mean output error after / before: {_fmt(s['mean_output_error_ratio'])}",

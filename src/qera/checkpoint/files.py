@@ -107,7 +107,7 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLi
         for name in names:
             t = tensors[name].detach().to("cpu").contiguous()
             if t.numel():
-                f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # flat first: a size-1 dim may keep any stride
 
 
 def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:

@@ -59,7 +59,7 @@ def fingerprint_of(*parts: Any) -> str:
     for p in parts:
         if torch.is_tensor(p):
             h.update(str((tuple(p.shape), str(p.dtype))).encode())
-            h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         else:
             h.update(json.dumps(p, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]

@@ -53,14 +53,19 @@ def _solve_all(ctx: DriverContext, stats, own: bool) -> None:
     def layer_stats(name: str):
         return stats[name] if stats is not None and name in stats else None
 
-    for name, module in ctx.targets.items():  # everything checkable is checked before any replacement
-        ctx.quantizer.check(name, module, stats.info(name) if stats is not None and name in stats else None)
-    done: set[str] = set()
-    t0 = time.perf_counter()
     q = ctx.quantizer
+    t0 = time.perf_counter()
+    ranks, q0s = {}, {}
+    if q.config.allocates:  # one budget over the whole model: every layer's error spectrum first
+        ranks, q0s, summary = q.allocate(ctx.targets, layer_stats, ctx.progress)
+        ctx.report.notes.append(summary)
+        log.info("%s", summary)
+    for name, module in ctx.targets.items():  # everything checkable is checked before any replacement
+        q.check(name, module, stats.info(name) if stats is not None and name in stats else None, ranks.get(name))
+    done: set[str] = set()
     for name, module in tqdm(ctx.targets.items(), desc=f"{q.config.method} {q.config.format}", unit="layer",
                              disable=not ctx.progress):
-        result = q(name, module, layer_stats(name), ctx.output_error)
+        result = q(name, module, layer_stats(name), ctx.output_error, ranks.get(name), q0s.pop(name, None))
         ctx.replace(name, ctx.sink(name, module, result))
         ctx.report.layers.append(result.report)
         done.add(name)

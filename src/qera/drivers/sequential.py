@@ -165,8 +165,13 @@ def _solve_block(ctx: DriverContext, mods: dict[str, nn.Module], stats, i: int) 
     broadcast in block order and every rank replaces every layer.
     """
     q, dist = ctx.quantizer, ctx.dist
+    ranks, q0s = {}, {}
+    if q.config.allocates:  # the block's share of the budget, spread over the block's layers
+        ranks, q0s, summary = q.allocate(mods, lambda n: stats[n] if n in stats else None)
+        ctx.report.notes.append(f"block {i}: {summary}")
+        log.info("block %d: %s", i, summary)
     for name, mod in mods.items():  # checked before any layer of the block is replaced
-        q.check(name, mod, stats[name] if name in stats else None)
+        q.check(name, mod, stats[name] if name in stats else None, ranks.get(name))
     names = list(mods)
     owner = {name: (k % dist.world if dist is not None else 0) for k, name in enumerate(names)}
     mine = [n for n in names if dist is None or owner[n] == dist.rank]
@@ -177,7 +182,8 @@ def _solve_block(ctx: DriverContext, mods: dict[str, nn.Module], stats, i: int) 
     finished: set[str] = set(n for n in names if n not in mine)
     results = {}
     for name in mine:
-        result = q(name, mods[name], stats[name] if name in stats else None, ctx.output_error)
+        result = q(name, mods[name], stats[name] if name in stats else None, ctx.output_error,
+                   ranks.get(name), q0s.pop(name, None))
         result.report.block = i
         finished.add(name)
         stats.release(name, finished)
@@ -193,7 +199,8 @@ def _solve_block(ctx: DriverContext, mods: dict[str, nn.Module], stats, i: int) 
         from ..distributed import broadcast_result
 
         for name in names:
-            result = broadcast_result(dist, results.pop(name, None), owner[name], name, mods[name], q)
+            result = broadcast_result(dist, results.pop(name, None), owner[name], name, mods[name], q,
+                                      ranks.get(name))
             ctx.replace(name, ctx.sink(name, mods[name], result))
             ctx.report.layers.append(result.report)
     return ctx.report.layers[-len(names):]

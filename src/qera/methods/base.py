@@ -88,6 +88,16 @@ class Method(ABC):
             stats.validate()  # NaN/Inf or wrong shapes never reach A and B
 
     # -- solving --------------------------------------------------------------------------------
+    def metric(
+        self, stats: ActivationStats | None, name: str | None = None, dtype: torch.dtype = torch.float64
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The input metric the method's error lives in, ``(scale, autocorr)``.
+
+        ``scale`` (in,) means ``R = diag(scale²)``; ``autocorr`` (in, in) is ``R`` itself; both None
+        mean ``R = I`` (the weight error). Rank allocation reads each layer's error spectrum in it.
+        """
+        return None, None
+
     @abstractmethod
     def solve_error(
         self, D: torch.Tensor, rank: int, stats: ActivationStats | None, name: str | None

@@ -27,6 +27,9 @@ class DiagonalScaled(Method):
     def scale(self, stats: ActivationStats) -> torch.Tensor:
         raise NotImplementedError
 
+    def metric(self, stats, name=None, dtype=torch.float64):
+        return self.scale(stats), None
+
     def solve_error(self, D, rank, stats, name):
         s = self.scale(stats).to(D.device)
         return weighted_lowrank(D, rank, scale=s, opts=self.solver)
@@ -85,10 +88,15 @@ class QERAExact(Method):
         self.options.update(damp=self.damp, shrink=self.shrink)
 
     def solve_error(self, D, rank, stats, name):
-        n = stats.dim
         exact = self.solver.use_exact(rank, D.shape[0], D.shape[1])
         # float64 R for the dense eigendecomposition; the Krylov path multiplies in compute_dtype anyway
-        R = stats.autocorrelation(torch.float64 if exact else self.solver.compute_dtype).to(D.device)
+        _, R = self.metric(stats, name, torch.float64 if exact else self.solver.compute_dtype)
+        return weighted_lowrank(D, rank, autocorr=R.to(D.device), opts=self.solver)
+
+    def metric(self, stats, name=None, dtype=torch.float64):
+        """``(None, R)`` with ``R`` shrunk and damped as the options say (a fresh copy, ``dtype``)."""
+        n = stats.dim
+        R = stats.autocorrelation(dtype)
         diag = torch.diagonal(R)
         mean_diag = float(diag.mean())
         dead = int((diag <= 1e-12 * max(mean_diag, 1e-300)).sum())
@@ -102,7 +110,7 @@ class QERAExact(Method):
             shrink_toward_diagonal_(R, self.shrink)
         if self.damp:
             diag.add_(self.damp * mean_diag)  # R is our own copy
-        return weighted_lowrank(D, rank, autocorr=R, opts=self.solver)
+        return None, R
 
 
 @METHODS.register("qera-iter")

@@ -1,0 +1,74 @@
+"""SmolLM2-135M: ranks allocated across layers under a parameter budget, against the same rank everywhere.
+
+Same protocol as the README's PTQ table (experiments/_protocol.py). One calibration pass (Σxᵀx of
+every layer) serves every run. Each run is ``METHOD:ROUNDING:FORMAT:BUDGET[:NORMALIZE]``; BUDGET
+``uN`` is rank N on every layer, ``bN`` a budget of the A/B parameters of rank N everywhere.
+
+    python experiments/ptq_allocation.py --runs qera-exact:rtn:mxint3:b8:output,qera-exact:rtn:mxint3:b8:none
+        [--out runs/ptq_allocation]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+from _protocol import Protocol
+from qera import QuantConfig, collect_statistics, find_targets
+from qera.atomic import write_json
+
+DEFAULT_RUNS = ",".join([
+    "qera-exact:rtn:mxint3:b8:output", "qera-exact:rtn:mxint3:b8:error", "qera-exact:rtn:mxint3:b8:none",
+])
+
+
+def parse_run(spec: str) -> tuple[QuantConfig, dict]:
+    parts = spec.split(":")
+    method, rounding, fmt, budget = parts[:4]
+    normalize = parts[4] if len(parts) > 4 else "output"
+    n = int(budget[1:])
+    kw = {"rank_budget": n, "rank_normalize": normalize} if budget[0] == "b" else {}
+    cfg = QuantConfig(format=fmt, method=method, rank=n, rounding=rounding, **kw)
+    return cfg, {"method": method, "rounding": rounding, "format": fmt, "budget": budget,
+                 "normalize": normalize if kw else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--runs", default=DEFAULT_RUNS)
+    ap.add_argument("--out", default="runs/ptq_allocation")
+    args = ap.parse_args()
+    runs = [parse_run(s) for s in args.runs.split(",")]
+    pr = Protocol.load(args.model)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    stats = collect_statistics(pr.model, pr.calib, list(find_targets(pr.model)), ("xtx",), progress=False)
+    calib_s = time.perf_counter() - t0
+    rows = []
+    for cfg, row in runs:
+        rep, seconds, p = pr.run(cfg, stats=stats)
+        q = rep.quality()
+        kinds = Counter()
+        for l in rep.layers:
+            kinds[l.name.rsplit(".", 1)[-1]] += l.rank
+        n_blocks = len({l.name.rsplit(".", 2)[0] for l in rep.layers})
+        row.update(perplexity=p, bits_total=q["bits_total"], mean_output_error_ratio=q["mean_output_error_ratio"],
+                   solve_seconds=seconds, ranks={l.name: l.rank for l in rep.layers},
+                   mean_rank_by_type={k: v / n_blocks for k, v in kinds.items()})
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
+        write_json(out / "results.json", {"model": args.model, "calibration_seconds": calib_s, "rows": rows})
+    print(f"\n| method | rounding | format | budget | normalize | total bits | perplexity | solve s |")
+    print("|---|---|---|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['rounding']} | {r['format']} | {r['budget']} | {r['normalize'] or '–'} | "
+              f"{r['bits_total']:.3f} | {r['perplexity']:.2f} | {r['solve_seconds']:.0f} |")
+    print(f"(one calibration pass, {calib_s:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
