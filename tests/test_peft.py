@@ -21,11 +21,13 @@ def batches(tok):
     return calibration_batches(tok, TEXT, n_samples=8, seq_len=48, seed=0, batch_size=4)
 
 
-@pytest.mark.parametrize("init", ["qlora", "loftq", "qera-approx", "qera-exact"])
+@pytest.mark.parametrize("init", ["qlora", "loftq", "qera-approx", "qera-exact", "qera-iter"])
 def test_step0_equals_quantized_model_with_reconstruction(batches, init):
-    """alpha/r = 12/5 is not a power of two: the B / scaling bookkeeping must be right."""
+    """alpha/r = 12/5 is not a power of two: the B / scaling bookkeeping must be right (qera-iter and
+    LoftQ also replace W̃: the packed base is the iterate's)."""
     base = tiny_llama()
-    cfg = QPEFTConfig(format="mxint3", init=init, rank=5, alpha=12.0, init_options={"iters": 2} if init == "loftq" else {})
+    cfg = QPEFTConfig(format="mxint3", init=init, rank=5, alpha=12.0,
+                      init_options={"iters": 2} if init in ("loftq", "qera-iter") else {})
     pm, _ = prepare_qpeft_model(copy.deepcopy(base), cfg, calibration=batches, progress=False)
     ref = copy.deepcopy(base)
     method = "w-only" if init == "qlora" else init
@@ -43,11 +45,11 @@ def test_init_reduces_output_error_vs_qlora(batches):
     with torch.no_grad():
         want = base(ids).logits
     err = {}
-    for init in ("qlora", "qera-approx", "qera-exact"):
+    for init in ("qlora", "qera-approx", "qera-exact", "qera-iter"):
         pm, _ = prepare_qpeft_model(copy.deepcopy(base), QPEFTConfig(format="mxint3", init=init, rank=8), calibration=batches, progress=False)
         with torch.no_grad():
             err[init] = float(((pm(ids).logits - want) ** 2).mean())
-    assert err["qera-exact"] < err["qlora"] and err["qera-approx"] < err["qlora"]
+    assert err["qera-exact"] < err["qlora"] and err["qera-approx"] < err["qlora"] and err["qera-iter"] < err["qlora"]
 
 
 def test_only_adapters_train_and_base_stays_packed(batches):

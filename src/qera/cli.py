@@ -196,8 +196,10 @@ def _config(args, fmt: str, method: str, rank: int):
                   rank_normalize=getattr(args, "rank_normalize", "output"))
     if not METHODS.get(method).uses_rank:
         kw["method_options"] = {}
-    elif "iters" in kw["method_options"] and method != "loftq":
-        kw["method_options"] = {k: v for k, v in kw["method_options"].items() if k != "iters"}
+    else:  # compare passes one --method-opt list to every method: each drops the other methods' options
+        known = METHODS.get(method).option_names
+        others = set().union(*(METHODS.get(m).option_names for m in METHODS.names()))
+        kw["method_options"] = {k: v for k, v in kw["method_options"].items() if k in known or k not in others}
     return QuantConfig(**kw)
 
 

@@ -5,9 +5,9 @@
 shrinks), wraps the model with PEFT's ``get_peft_model`` and initializes each adapter:
 
 - ``qlora``: PEFT's default (A random, B = 0), so the model starts at ``W̃``;
-- ``loftq`` / ``zeroquant-v2`` / ``lqer`` / ``qera-approx`` / ``qera-exact``: the adapter equals the
-  reconstruction, ``scaling · lora_B @ lora_A = B A`` with ``scaling = α / r``, so right after
-  initialization the model computes ``x (W̃ + B A)ᵀ``. (LoftQ also replaces ``W̃``.)
+- ``loftq`` / ``zeroquant-v2`` / ``lqer`` / ``qera-approx`` / ``qera-exact`` / ``qera-iter``: the adapter
+  equals the reconstruction, ``scaling · lora_B @ lora_A = B A`` with ``scaling = α / r``, so right
+  after initialization the model computes ``x (W̃ + B A)ᵀ``. (LoftQ and qera-iter also replace ``W̃``.)
 
 PEFT is extended through its custom-module registry (``LoraConfig._register_custom_module``),
 not by patching it: :class:`QuantLoraLinear` is PEFT's LoRA ``Linear`` over a ``QERALinear`` base.
@@ -38,7 +38,7 @@ from .targets import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, find_targets, linear_shap
 
 log = logging.getLogger(__name__)
 
-INITS = ("qlora", "loftq", "zeroquant-v2", "lqer", "qera-approx", "qera-exact")
+INITS = ("qlora", "loftq", "zeroquant-v2", "lqer", "qera-approx", "qera-exact", "qera-iter")
 QPEFT_CONFIG = "qpeft_config.json"
 
 
