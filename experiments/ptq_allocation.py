@@ -1,7 +1,7 @@
 """SmolLM2-135M: ranks allocated across layers under a parameter budget, against the same rank everywhere.
 
 Same protocol as the README's PTQ table (experiments/_protocol.py). One calibration pass (Σxᵀx of
-every layer) serves every run. Each run is ``METHOD:ROUNDING:FORMAT:BUDGET[:NORMALIZE]``; BUDGET
+every layer) serves every run (``--stats FILE`` keeps it for the next invocation). Each run is ``METHOD:ROUNDING:FORMAT:BUDGET[:NORMALIZE]``; BUDGET
 ``uN`` is rank N on every layer, ``bN`` a budget of the A/B parameters of rank N everywhere.
 
     python experiments/ptq_allocation.py --runs qera-exact:rtn:mxint3:b8:output,qera-exact:rtn:mxint3:b8:none
@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from _protocol import Protocol
-from qera import QuantConfig, collect_statistics, find_targets
+from qera import CalibrationStats, QuantConfig, collect_statistics, find_targets
 from qera.atomic import write_json
 
 DEFAULT_RUNS = ",".join([
@@ -41,16 +41,22 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--runs", default=DEFAULT_RUNS)
     ap.add_argument("--out", default="runs/ptq_allocation")
+    ap.add_argument("--stats", help="statistics file: read if it exists, else written after the calibration pass")
     args = ap.parse_args()
     runs = [parse_run(s) for s in args.runs.split(",")]
     pr = Protocol.load(args.model)
     out = Path(args.out)
     t0 = time.perf_counter()
-    stats = collect_statistics(pr.model, pr.calib, list(find_targets(pr.model)), ("xtx",), progress=False)
+    if args.stats and Path(args.stats).is_file():
+        stats = CalibrationStats.load(args.stats)
+    else:
+        stats = collect_statistics(pr.model, pr.calib, list(find_targets(pr.model)), ("xtx",), progress=False)
+        if args.stats:
+            stats.save(args.stats)
     calib_s = time.perf_counter() - t0
     rows = []
     for cfg, row in runs:
-        rep, seconds, p = pr.run(cfg, stats=stats)
+        rep, seconds, p = pr.run(cfg, stats=stats, calibration=pr.calib)  # batches: for the fisher normalization
         q = rep.quality()
         kinds = Counter()
         for l in rep.layers:

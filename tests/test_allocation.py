@@ -185,3 +185,51 @@ def test_cli_rank_budget_and_info(tmp_path, capsys, model_dir, text_file):
     assert len(set(info["layer_ranks"].values())) > 1
     assert main(["info", str(tmp_path / "q")]) == 0
     assert "allocated ranks (block x layer)" in capsys.readouterr().out
+
+
+def test_output_sensitivity_equals_direct_autograd(batches):
+    """E‖∂L/∂y‖²/out per layer, against torch.autograd.grad on the captured outputs; no weight
+    gradients are made, requires_grad flags and hooks are put back."""
+    from qera import find_targets
+    from qera.sensitivity import output_sensitivity
+
+    model = tiny_llama()
+    targets = find_targets(model)
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a mixed state must come back as it was
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    got = output_sensitivity(model, batches, targets)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_hooks for m in model.modules())
+    want = {n: 0.0 for n in targets}
+    tokens = 0
+    for b in batches:
+        outs = {}
+        hs = [m.register_forward_hook(lambda mod, a, o, n=n: outs.__setitem__(n, o)) for n, m in targets.items()]
+        emb = model.get_input_embeddings()(b["input_ids"]).detach().requires_grad_()
+        labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        loss = model(inputs_embeds=emb, attention_mask=b["attention_mask"], labels=labels).loss
+        for h in hs:
+            h.remove()
+        grads = torch.autograd.grad(loss, [outs[n] for n in targets])
+        for n, g in zip(targets, grads):
+            want[n] += float((g.double() ** 2).sum()) / g.shape[-1]
+        tokens += int(b["attention_mask"].sum())
+    for n in targets:
+        assert got[n] == pytest.approx(want[n] / tokens, rel=1e-5)
+    assert len({round(v, 12) for v in got.values()}) > 3  # layers really differ
+
+
+def test_fisher_normalization_in_the_pipeline(stats, batches):
+    model = tiny_llama()
+    cfg = QuantConfig(format="mxint3", method="qera-exact", rank=4, rank_budget=4, rank_normalize="fisher")
+    rep = quantize_model(model, cfg, calibration=batches, stats=stats, progress=False)
+    ranks = {l.name: l.rank for l in rep.layers}
+    assert sum(ranks[l.name] * sum(l.shape) for l in rep.layers) <= 4 * sum(sum(l.shape) for l in rep.layers)
+    assert "sensitivity" in rep.timings and len(set(ranks.values())) > 1
+    with pytest.raises(QeraError, match="loss gradients"):
+        quantize_model(tiny_llama(), cfg, stats=stats, progress=False)
+    seq = QuantConfig(format="mxint3", method="qera-exact", rank=4, rank_budget=4, rank_normalize="fisher",
+                      pipeline="sequential")
+    with pytest.raises(QeraError, match="one-shot pipeline"):
+        quantize_model(tiny_llama(), seq, calibration=batches, progress=False)

@@ -8,7 +8,9 @@ problem and loses at most the last, partially affordable unit of the integer one
 
 Layers' errors live on different scales; each layer's gains are divided by a normalizer
 (:data:`NORMALIZERS`): its output energy ``trace(W M Wᵀ)`` (default: relative output error),
-its error before the low-rank term ``trace(D M Dᵀ)``, or nothing (absolute error).
+its error before the low-rank term ``trace(D M Dᵀ)``, nothing (absolute error), or the inverse of
+the loss's sensitivity to the layer's output (``fisher``: gains in units of loss, see
+:mod:`qera.sensitivity`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ NORMALIZERS: Registry[Callable[["ErrorCurve"], float]] = Registry("rank normaliz
 NORMALIZERS.register("output")(lambda c: c.energy)
 NORMALIZERS.register("error")(lambda c: float(c.gains.sum()))
 NORMALIZERS.register("none")(lambda c: 1.0)
+# the loss's view: gains weighted by E‖∂L/∂y‖²/out (see qera.sensitivity); a layer the loss never feels gets nothing
+NORMALIZERS.register("fisher")(lambda c: 1.0 / c.sensitivity if c.sensitivity else 0.0)
+NEEDS_SENSITIVITY = frozenset({"fisher"})
 
 
 @dataclass
@@ -38,6 +43,7 @@ class ErrorCurve:
     cost: parameters per rank unit (``out + in``).
     energy: ``trace(W M Wᵀ)``, the layer's output energy in the same metric.
     fixed: a rank set by the user for this layer (not allocated, but paid from the budget).
+    sensitivity: ``E‖∂L/∂y‖² / out`` of the layer's output (``fisher`` normalization only).
     """
 
     name: str
@@ -45,6 +51,7 @@ class ErrorCurve:
     cost: int
     energy: float
     fixed: int | None = None
+    sensitivity: float | None = None
 
     def error_at(self, rank: int) -> float:
         """The objective at ``rank``: the sum of the gains not taken."""

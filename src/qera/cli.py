@@ -78,8 +78,10 @@ def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
                         help="allocate ranks across layers within the A/B parameters of rank R everywhere (replaces --rank)")
     budget.add_argument("--extra-bits", type=float, metavar="BITS",
                         help="allocate ranks across layers within BITS bits per weight for A and B (replaces --rank)")
-    g.add_argument("--rank-normalize", choices=["output", "error", "none"], default="output",
-                   help="what makes layer errors comparable for the allocation (default: output energy trace(W R Wᵀ))")
+    g.add_argument("--rank-normalize", choices=["output", "error", "none", "fisher"], default="output",
+                   help="what makes layer errors comparable for the allocation: output energy trace(W R Wᵀ) (default), "
+                        "the error before the low-rank term, nothing, or the loss's mean squared gradient at the "
+                        "layer's output (fisher: one backward pass over the calibration data, one-shot only)")
     g.add_argument("--include", action="append", metavar="REGEX", help="target module regex (repeatable)")
     g.add_argument("--exclude", action="append", metavar="REGEX", help="excluded module regex (repeatable)")
     g.add_argument("--stats", help="statistics file from 'qera calibrate' (skips calibration)")
@@ -283,7 +285,7 @@ def cmd_quantize(args) -> int:
     from .pipeline import stats_kinds_for
 
     needs_data = bool(stats_kinds_for(config, args.report_output_error)) or config.pipeline != "oneshot"
-    if needs_data and (stats is None or config.pipeline != "oneshot"):
+    if needs_data and (stats is None or config.pipeline != "oneshot" or config.rank_normalize == "fisher"):
         calibration = _calibration_batches(args, tok)
     report = quantize_and_save(
         model, config, out, tokenizer=tok, calibration=calibration, stats=stats, overwrite=args.overwrite,

@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Mapping, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import ErrorCurve, allocate_ranks, budget_params, summarize
+from .allocation import NEEDS_SENSITIVITY, ErrorCurve, allocate_ranks, budget_params, summarize
 from .config import QuantConfig
 from .errors import QeraError, where
 from .formats import QuantizedWeight, parse_format
@@ -131,15 +131,22 @@ class LayerQuantizer:
         return q0, curve
 
     def allocate(self, mods: dict[str, nn.Module], stats_of: Callable[[str], ActivationStats | None],
-                 progress: bool = False) -> tuple[dict[str, int], dict[str, QuantizedWeight], str]:
+                 progress: bool = False, sensitivity: Mapping[str, float] | None = None,
+                 ) -> tuple[dict[str, int], dict[str, QuantizedWeight], str]:
         """Ranks for ``mods`` under the config's budget (their share of it), the rounded weights
-        (so the solve does not round again) and a one-line summary for the report."""
+        (so the solve does not round again) and a one-line summary for the report.
+
+        ``sensitivity``: ``{layer: E‖∂L/∂y‖²/out}``, needed by the ``fisher`` normalization."""
         cfg = self.config
+        if cfg.rank_normalize in NEEDS_SENSITIVITY and sensitivity is None:
+            raise QeraError(f"rank_normalize={cfg.rank_normalize!r} needs the loss gradients of the whole model: "
+                            "use the one-shot pipeline with calibration batches")
         shapes = {n: linear_shape(m) for n, m in mods.items()}
         budget = budget_params(shapes, cfg.rank_budget, cfg.extra_bits, self.lowrank_bits)
         q0s, curves = {}, []
         for name, mod in tqdm(mods.items(), desc="error spectra", unit="layer", disable=not progress):
             q0s[name], curve = self.error_curve(name, mod, stats_of(name))
+            curve.sensitivity = sensitivity.get(name) if sensitivity is not None else None
             curves.append(curve)
         ranks = allocate_ranks(curves, budget, cfg.rank_normalize)
         return ranks, q0s, summarize(ranks, curves, budget)

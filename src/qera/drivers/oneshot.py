@@ -7,7 +7,9 @@ import time
 
 from tqdm.auto import tqdm
 
+from ..allocation import NEEDS_SENSITIVITY
 from ..memory import trim_heap
+from ..sensitivity import output_sensitivity
 from ..stats_store import collect_statistics_within
 from ..errors import QeraError
 from . import DRIVERS
@@ -57,7 +59,12 @@ def _solve_all(ctx: DriverContext, stats, own: bool) -> None:
     t0 = time.perf_counter()
     ranks, q0s = {}, {}
     if q.config.allocates:  # one budget over the whole model: every layer's error spectrum first
-        ranks, q0s, summary = q.allocate(ctx.targets, layer_stats, ctx.progress)
+        sens = None
+        if q.config.rank_normalize in NEEDS_SENSITIVITY:
+            t1 = time.perf_counter()
+            sens = output_sensitivity(ctx.model, ctx.calibration or [], ctx.targets, ctx.progress)
+            ctx.report.timings["sensitivity"] = time.perf_counter() - t1
+        ranks, q0s, summary = q.allocate(ctx.targets, layer_stats, ctx.progress, sens)
         ctx.report.notes.append(summary)
         log.info("%s", summary)
     for name, module in ctx.targets.items():  # everything checkable is checked before any replacement

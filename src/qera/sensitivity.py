@@ -1,0 +1,85 @@
+"""How much the model's loss feels each layer's output error: mean squared loss gradients.
+
+A small change ``δy`` of a layer's output raises the next-token loss by about ``½ δyᵀ F δy``
+(``F`` the Fisher information of the output). With ``F`` taken as ``c · I`` per layer,
+``c = E[‖∂L/∂y‖²] / out`` (mean over tokens and output channels), the loss cost of the layer's
+remaining error is ``c · trace(E R Eᵀ)`` up to one factor shared by every layer. Rank allocation
+uses ``c`` to put the layers' output errors on the loss's scale (``rank_normalize="fisher"``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import model_device
+from .errors import QeraError
+
+log = logging.getLogger(__name__)
+
+
+def output_sensitivity(
+    model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], targets: Mapping[str, nn.Module],
+    progress: bool = False,
+) -> dict[str, float]:
+    """``{layer: E[‖∂L/∂y‖²] / out}`` over the non-padding tokens of ``batches`` (causal LM loss).
+
+    Gradients flow only to the activations: every parameter's ``requires_grad`` is switched off
+    for the passes (and put back), so no weight gradient is ever allocated. Hooks are removed in
+    ``finally``. The loss is the mean next-token cross-entropy of each batch.
+    """
+    if not batches:
+        raise QeraError("rank_normalize='fisher' needs calibration batches (the loss gradients come from them)")
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embed is None:
+        raise QeraError("rank_normalize='fisher' needs a model with input embeddings and a language-model loss")
+    sums = {name: torch.zeros((), dtype=torch.float64) for name in targets}
+    tokens = 0
+    handles = []
+    flags = {p: p.requires_grad for p in model.parameters()}
+    mask_now: list[torch.Tensor | None] = [None]
+
+    def grad_hook(name: str):
+        def on_output(module, args, out):
+            if torch.is_tensor(out) and out.requires_grad:
+                def acc(g: torch.Tensor) -> None:
+                    sq = g.detach().to(torch.float32).pow(2).sum(-1)  # (batch, seq)
+                    m = mask_now[0]
+                    sums[name] += float((sq * m).sum() if m is not None else sq.sum()) / g.shape[-1]
+                out.register_hook(acc)
+        return on_output
+
+    def embeds_require_grad(module, args, out):
+        return out.requires_grad_() if not out.requires_grad else out
+
+    was_training = model.training
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        model.eval()
+        handles.append(embed.register_forward_hook(embeds_require_grad))
+        handles += [mod.register_forward_hook(grad_hook(name)) for name, mod in targets.items()]
+        device = model_device(model)
+        for b in tqdm(batches, desc="loss gradients", unit="batch", disable=not progress):
+            ids = b["input_ids"].to(device)
+            mask = b.get("attention_mask")
+            mask = mask.to(device) if mask is not None else torch.ones_like(ids)
+            labels = ids.masked_fill(mask == 0, -100)
+            mask_now[0] = mask.to(torch.float32)
+            with torch.enable_grad():
+                out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+                if getattr(out, "loss", None) is None:
+                    raise QeraError("rank_normalize='fisher' needs a model that returns a language-model loss")
+                out.loss.backward()
+            tokens += int(mask.sum())
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return {name: float(s) / max(tokens, 1) for name, s in sums.items()}
