@@ -22,6 +22,16 @@ from .errors import QeraError
 log = logging.getLogger(__name__)
 
 
+def _rows(batches: Sequence[Mapping[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Every window of every batch as ``(input_ids (1, L), attention_mask (1, L) or None)``."""
+    out = []
+    for b in batches:
+        mask = b.get("attention_mask")
+        for i in range(b["input_ids"].shape[0]):
+            out.append((b["input_ids"][i:i + 1], mask[i:i + 1] if mask is not None else None))
+    return out
+
+
 def output_sensitivity(
     model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], targets: Mapping[str, nn.Module],
     progress: bool = False,
@@ -30,7 +40,9 @@ def output_sensitivity(
 
     Gradients flow only to the activations: every parameter's ``requires_grad`` is switched off
     for the passes (and put back), so no weight gradient is ever allocated. Hooks are removed in
-    ``finally``. The loss is the mean next-token cross-entropy of each batch.
+    ``finally``. Windows go one at a time (memory: one window's backward graph); the loss is the
+    sum of the window's next-token cross-entropies, so a token's gradient does not depend on how
+    many tokens share its window or batch.
     """
     if not batches:
         raise QeraError("rank_normalize='fisher' needs calibration batches (the loss gradients come from them)")
@@ -64,17 +76,19 @@ def output_sensitivity(
         handles.append(embed.register_forward_hook(embeds_require_grad))
         handles += [mod.register_forward_hook(grad_hook(name)) for name, mod in targets.items()]
         device = model_device(model)
-        for b in tqdm(batches, desc="loss gradients", unit="batch", disable=not progress):
-            ids = b["input_ids"].to(device)
-            mask = b.get("attention_mask")
+        for ids, mask in tqdm(_rows(batches), desc="loss gradients", unit="window", disable=not progress):
+            ids = ids.to(device)  # one window at a time: the backward graph of a single window
             mask = mask.to(device) if mask is not None else torch.ones_like(ids)
             labels = ids.masked_fill(mask == 0, -100)
+            n_labels = int((labels[:, 1:] != -100).sum())
+            if n_labels == 0:
+                continue
             mask_now[0] = mask.to(torch.float32)
             with torch.enable_grad():
                 out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
                 if getattr(out, "loss", None) is None:
                     raise QeraError("rank_normalize='fisher' needs a model that returns a language-model loss")
-                out.loss.backward()
+                (out.loss * n_labels).backward()  # summed token losses: gradients do not depend on the window's length
             tokens += int(mask.sum())
     finally:
         for h in handles:
