@@ -107,7 +107,7 @@ def test_allocated_model_beats_uniform_at_the_same_budget(stats):
     """One-shot qera-exact: the allocated ranks spend ≤ the uniform rank-4 parameters, vary across
     layers, give the output errors the spectra predict, and a lower total normalized error."""
     runs = {}
-    for name, extra in (("uniform", {}), ("allocated", {"rank_budget": 4})):
+    for name, extra in (("uniform", {}), ("allocated", {"rank_budget": 4, "rank_normalize": "output"})):
         model = tiny_llama()
         cfg = QuantConfig(format="mxint3", method="qera-exact", rank=4, method_options={"exact": True}, **extra)
         rep = quantize_model(model, cfg, stats=stats, report_output_error=True, progress=False)
@@ -229,6 +229,12 @@ def test_fisher_normalization_in_the_pipeline(stats, batches):
     ranks = {l.name: l.rank for l in rep.layers}
     assert sum(ranks[l.name] * sum(l.shape) for l in rep.layers) <= 4 * sum(sum(l.shape) for l in rep.layers)
     assert "sensitivity" in rep.timings and len(set(ranks.values())) > 1
+    # auto = fisher when the one-shot pipeline has batches, else error; the note says which
+    auto = QuantConfig(format="mxint3", method="qera-exact", rank=4, rank_budget=4)
+    rep_auto = quantize_model(tiny_llama(), auto, calibration=batches, stats=stats, progress=False)
+    assert {l.name: l.rank for l in rep_auto.layers} == ranks and "(fisher normalization)" in " ".join(rep_auto.notes)
+    rep_err = quantize_model(tiny_llama(), auto, stats=stats, progress=False)
+    assert "(error normalization)" in " ".join(rep_err.notes)
     with pytest.raises(QeraError, match="loss gradients"):
         quantize_model(tiny_llama(), cfg, stats=stats, progress=False)
     seq = QuantConfig(format="mxint3", method="qera-exact", rank=4, rank_budget=4, rank_normalize="fisher",

@@ -35,6 +35,14 @@ NORMALIZERS.register("fisher")(lambda c: 1.0 / c.sensitivity if c.sensitivity el
 NEEDS_SENSITIVITY = frozenset({"fisher"})
 
 
+def resolve_normalize(name: str, have_sensitivity: bool) -> str:
+    """``auto`` → ``fisher`` when the loss gradients are available, else ``error`` (the better of the
+    two normalizations without them on SmolLM2); any other name is returned as is."""
+    if name != "auto":
+        return name
+    return "fisher" if have_sensitivity else "error"
+
+
 @dataclass
 class ErrorCurve:
     """What one layer's rank buys.
@@ -100,10 +108,10 @@ def allocate_ranks(curves: list[ErrorCurve], budget: int, normalize: str = "outp
     return ranks
 
 
-def summarize(ranks: Mapping[str, int], curves: list[ErrorCurve], budget: int) -> str:
-    """One line for the report: parameters used, the rank range and the predicted error drop."""
+def summarize(ranks: Mapping[str, int], curves: list[ErrorCurve], budget: int, normalize: str) -> str:
+    """One line for the report: the normalization, parameters used and the rank range."""
     by_name = {c.name: c for c in curves}
     used = sum(r * by_name[n].cost for n, r in ranks.items())
     vals = sorted(ranks.values())
-    return (f"ranks allocated under a budget of {budget:,} A/B parameters: {used:,} used, "
+    return (f"ranks allocated ({normalize} normalization) under a budget of {budget:,} A/B parameters: {used:,} used, "
             f"ranks {vals[0]}..{vals[-1]} (median {vals[len(vals) // 2]}) over {len(vals)} layers")

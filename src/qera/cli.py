@@ -78,10 +78,11 @@ def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
                         help="allocate ranks across layers within the A/B parameters of rank R everywhere (replaces --rank)")
     budget.add_argument("--extra-bits", type=float, metavar="BITS",
                         help="allocate ranks across layers within BITS bits per weight for A and B (replaces --rank)")
-    g.add_argument("--rank-normalize", choices=["output", "error", "none", "fisher"], default="output",
-                   help="what makes layer errors comparable for the allocation: output energy trace(W R Wᵀ) (default), "
-                        "the error before the low-rank term, nothing, or the loss's mean squared gradient at the "
-                        "layer's output (fisher: one backward pass over the calibration data, one-shot only)")
+    g.add_argument("--rank-normalize", choices=["auto", "fisher", "output", "error", "none"], default="auto",
+                   help="what makes layer errors comparable for the allocation: the loss's mean squared gradient at "
+                        "the layer output (fisher: one backward pass over the calibration data, one-shot only), the "
+                        "output energy trace(W R Wᵀ), the error before the low-rank term, or nothing; "
+                        "auto (default): fisher in the one-shot pipeline, else error")
     g.add_argument("--include", action="append", metavar="REGEX", help="target module regex (repeatable)")
     g.add_argument("--exclude", action="append", metavar="REGEX", help="excluded module regex (repeatable)")
     g.add_argument("--stats", help="statistics file from 'qera calibrate' (skips calibration)")
@@ -195,7 +196,7 @@ def _config(args, fmt: str, method: str, rank: int):
         kw["exclude"] = args.exclude
     if METHODS.get(method).uses_rank:
         kw.update(rank_budget=getattr(args, "rank_budget", None), extra_bits=getattr(args, "extra_bits", None),
-                  rank_normalize=getattr(args, "rank_normalize", "output"))
+                  rank_normalize=getattr(args, "rank_normalize", "auto"))
     if not METHODS.get(method).uses_rank:
         kw["method_options"] = {}
     else:  # compare passes one --method-opt list to every method: each drops the other methods' options
@@ -285,7 +286,8 @@ def cmd_quantize(args) -> int:
     from .pipeline import stats_kinds_for
 
     needs_data = bool(stats_kinds_for(config, args.report_output_error)) or config.pipeline != "oneshot"
-    if needs_data and (stats is None or config.pipeline != "oneshot" or config.rank_normalize == "fisher"):
+    fisher = config.allocates and config.rank_normalize in ("fisher", "auto")  # the loss gradients need batches
+    if needs_data and (stats is None or config.pipeline != "oneshot" or fisher):
         calibration = _calibration_batches(args, tok)
     report = quantize_and_save(
         model, config, out, tokenizer=tok, calibration=calibration, stats=stats, overwrite=args.overwrite,

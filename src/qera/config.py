@@ -46,8 +46,10 @@ class QuantConfig:
         parameters of this average rank (``8`` = as many as rank 8 on every layer); ranks go where a
         rank unit removes the most normalized error (see :mod:`qera.allocation`).
     extra_bits: the same budget given as bits per weight spent on A and B (e.g. ``0.4``).
-    rank_normalize: how layer errors are made comparable for the allocation: ``output`` (by
-        ``trace(W R Wᵀ)``), ``error`` (by the error before the low-rank term) or ``none``.
+    rank_normalize: how layer errors are made comparable for the allocation: ``fisher`` (weighted
+        by the loss's mean squared gradient at the layer output; one-shot only), ``output`` (by
+        ``trace(W R Wᵀ)``), ``error`` (by the error before the low-rank term), ``none``, or ``auto``
+        (default: ``fisher`` where the one-shot pipeline has calibration batches, else ``error``).
     act_format: quantize the input of each quantized GEMM too (e.g. ``mxint8`` for LQER's W4A8);
         the low-rank branch keeps the high-precision input. None: weights only.
     """
@@ -69,7 +71,7 @@ class QuantConfig:
     act_format: str | None = None
     rank_budget: float | None = None
     extra_bits: float | None = None
-    rank_normalize: str = "output"
+    rank_normalize: str = "auto"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -131,8 +133,9 @@ class QuantConfig:
             raise QeraError("give rank_budget or extra_bits, not both (they are two ways to state one budget)")
         if self.allocates and not uses_rank:
             raise QeraError(f"method {self.method!r} has no low-rank term: a rank budget does not apply")
-        if self.rank_normalize not in NORMALIZERS:
-            raise QeraError(f"rank_normalize must be one of {', '.join(NORMALIZERS.names())}, got {self.rank_normalize!r}")
+        if self.rank_normalize != "auto" and self.rank_normalize not in NORMALIZERS:
+            raise QeraError(f"rank_normalize must be auto or one of {', '.join(NORMALIZERS.names())}, "
+                            f"got {self.rank_normalize!r}")
 
     @property
     def allocates(self) -> bool:

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import NEEDS_SENSITIVITY, ErrorCurve, allocate_ranks, budget_params, summarize
+from .allocation import (NEEDS_SENSITIVITY, ErrorCurve, allocate_ranks, budget_params, resolve_normalize,
+                         summarize)
 from .config import QuantConfig
 from .errors import QeraError, where
 from .formats import QuantizedWeight, parse_format
@@ -138,7 +139,8 @@ class LayerQuantizer:
 
         ``sensitivity``: ``{layer: E‖∂L/∂y‖²/out}``, needed by the ``fisher`` normalization."""
         cfg = self.config
-        if cfg.rank_normalize in NEEDS_SENSITIVITY and sensitivity is None:
+        normalize = resolve_normalize(cfg.rank_normalize, sensitivity is not None)
+        if normalize in NEEDS_SENSITIVITY and sensitivity is None:
             raise QeraError(f"rank_normalize={cfg.rank_normalize!r} needs the loss gradients of the whole model: "
                             "use the one-shot pipeline with calibration batches")
         shapes = {n: linear_shape(m) for n, m in mods.items()}
@@ -148,8 +150,8 @@ class LayerQuantizer:
             q0s[name], curve = self.error_curve(name, mod, stats_of(name))
             curve.sensitivity = sensitivity.get(name) if sensitivity is not None else None
             curves.append(curve)
-        ranks = allocate_ranks(curves, budget, cfg.rank_normalize)
-        return ranks, q0s, summarize(ranks, curves, budget)
+        ranks = allocate_ranks(curves, budget, normalize)
+        return ranks, q0s, summarize(ranks, curves, budget, normalize)
 
     def check(self, name: str, module: nn.Module, stats: ActivationStats | None, rank: int | None = None) -> None:
         """Everything that can be checked before any layer is replaced (shape, rank, statistics).

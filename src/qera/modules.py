@@ -138,8 +138,8 @@ class QERALinear(nn.Module):
         c = self._w_cache
         if c is not None and c.dtype == dtype and c.device == self.A.device:
             return c
-        if self._merged:  # W̃ + B A formed in float32, then cast once
-            w = (self.dequantized_weight(torch.float32) + self.B.float() @ self.A.float()).to(dtype)
+        if self._merged:  # W̃ + B A summed in float32 and cast, a block of rows at a time
+            w = self.packed_weight.dequantize(dtype, lowrank=(self.B, self.A))
         else:
             w = self.dequantized_weight(dtype)
         if self.cache_weight:

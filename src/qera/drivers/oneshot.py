@@ -60,9 +60,15 @@ def _solve_all(ctx: DriverContext, stats, own: bool) -> None:
     ranks, q0s = {}, {}
     if q.config.allocates:  # one budget over the whole model: every layer's error spectrum first
         sens = None
-        if q.config.rank_normalize in NEEDS_SENSITIVITY:
+        norm = q.config.rank_normalize
+        if norm in NEEDS_SENSITIVITY or (norm == "auto" and ctx.calibration):  # auto: fisher when there are batches
             t1 = time.perf_counter()
-            sens = output_sensitivity(ctx.model, ctx.calibration or [], ctx.targets, ctx.progress)
+            try:
+                sens = output_sensitivity(ctx.model, ctx.calibration or [], ctx.targets, ctx.progress)
+            except QeraError as exc:
+                if norm != "auto":
+                    raise
+                log.info("rank allocation without loss gradients (%s)", exc)  # auto falls back to 'error'
             ctx.report.timings["sensitivity"] = time.perf_counter() - t1
         ranks, q0s, summary = q.allocate(ctx.targets, layer_stats, ctx.progress, sens)
         ctx.report.notes.append(summary)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 
@@ -36,6 +36,7 @@ def as_rows(w: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
 
 
 CHUNK_ELEMS = 1 << 22  # weights encoded/decoded at a time (4M: 16 MB of float32 per temporary)
+DENSE_CHUNK_ELEMS = 1 << 20  # weights per block when a dense W̃ (+ B A) is built in another dtype
 
 
 def _row_chunks(shape: tuple[int, ...], chunk_elems: int) -> tuple[int, int, int]:
@@ -183,6 +184,18 @@ class WeightFormat(ABC):
         if rows <= step:
             return self.decode(tensors, shape)
         out = torch.empty(rows, cols, dtype=torch.float32, device=next(iter(tensors.values())).device)
+        for r, block in self.decode_rows(tensors, shape, chunk_elems):
+            out[r:r + block.shape[0]] = block
+        return out.reshape(shape)
+
+    def decode_rows(self, tensors: dict[str, torch.Tensor], shape: torch.Size,
+                    chunk_elems: int = CHUNK_ELEMS) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row, float32 block (n, cols))`` over the rows of the 2-D view of ``shape``,
+        about ``chunk_elems`` weights per block (a multiple of 8 rows, so packed codes split cleanly)."""
+        rows, cols, step = _row_chunks(tuple(shape), chunk_elems)
+        if rows <= step:
+            yield 0, self.decode(tensors, shape).reshape(rows, cols)
+            return
         offsets = {k: 0 for k in tensors}
         for r in range(0, rows, step):
             n = min(step, rows - r)
@@ -192,8 +205,7 @@ class WeightFormat(ABC):
                 size = want[k][0][0]
                 part[k] = t[offsets[k]:offsets[k] + size]
                 offsets[k] += size
-            out[r:r + n] = self.decode(part, torch.Size((n, cols)))
-        return out.reshape(shape)
+            yield r, self.decode(part, torch.Size((n, cols)))
 
     def check_stored(self, tensors: dict[str, torch.Tensor], shape: tuple[int, ...], what: str = "") -> None:
         """Raise a clear error unless ``tensors`` are exactly what :meth:`encode` stores for ``shape``."""
@@ -225,10 +237,26 @@ class QuantizedWeight:
     dtype: torch.dtype
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Return ``W̃`` with the original shape, in ``dtype`` (default: the original dtype)."""
-        out = self.fmt.decode_chunked(self.tensors, torch.Size(self.shape))
-        return out.to(dtype or self.dtype)
+    def dequantize(self, dtype: torch.dtype | None = None,
+                   lowrank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Return ``W̃`` with the original shape, in ``dtype`` (default: the original dtype).
+
+        ``lowrank=(B, A)`` (``B: (out, r)``, ``A: (r, in)``) returns ``W̃ + B A`` instead, summed in
+        float32. A non-float32 result is filled a block of rows at a time, so no full-size float32
+        temporary exists (on the CPU such temporaries stay in the heap between layers).
+        """
+        dtype = dtype or self.dtype
+        if dtype == torch.float32 and lowrank is None:
+            return self.fmt.decode_chunked(self.tensors, torch.Size(self.shape))
+        shape = torch.Size(self.shape)
+        rows, cols = _row_chunks(tuple(shape), 1)[:2]
+        out = torch.empty(rows, cols, dtype=dtype, device=next(iter(self.tensors.values())).device)
+        A = lowrank[1].to(out.device, torch.float32) if lowrank is not None else None
+        for r, block in self.fmt.decode_rows(self.tensors, shape, DENSE_CHUNK_ELEMS):
+            if A is not None:
+                block.addmm_(lowrank[0][r:r + block.shape[0]].to(out.device, torch.float32), A)
+            out[r:r + block.shape[0]] = block
+        return out.reshape(shape)
 
     @property
     def bits_per_weight(self) -> float:
