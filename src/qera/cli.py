@@ -692,6 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a quantized checkpoint")
     p.add_argument("path"); common(p)
     p.set_defaults(func=cmd_info)
+    from .analyze.cli import add_analyze_parser
+
+    add_analyze_parser(sub, common, _add_model, _add_calibration, _add_eval)
     return ap
 
 
