@@ -237,7 +237,10 @@ def test_fisher_normalization_in_the_pipeline(stats, batches):
     assert "(error normalization)" in " ".join(rep_err.notes)
     with pytest.raises(QeraError, match="loss gradients"):
         quantize_model(tiny_llama(), cfg, stats=stats, progress=False)
-    seq = QuantConfig(format="mxint3", method="qera-exact", rank=4, rank_budget=4, rank_normalize="fisher",
-                      pipeline="sequential")
-    with pytest.raises(QeraError, match="one-shot pipeline"):
-        quantize_model(tiny_llama(), seq, calibration=batches, progress=False)
+    with pytest.raises(QeraError, match="pipeline='oneshot'"):
+        QuantConfig(format="mxint3", method="qera-exact", rank=4, rank_budget=4, rank_normalize="fisher",
+                    pipeline="sequential")
+    auto_seq = QuantConfig(format="mxint3", method="qera-exact", rank=4, rank_budget=4, rank_normalize="fisher",
+                           pipeline="auto")  # auto may still choose sequential (memory): the driver refuses then
+    with pytest.raises(QeraError, match="loss gradients"):  # a 1-byte budget makes auto choose sequential
+        quantize_model(tiny_llama(), auto_seq, calibration=batches, progress=False, max_memory=1)

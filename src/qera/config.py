@@ -131,6 +131,9 @@ class QuantConfig:
             setattr(self, key, float(v))
         if self.rank_budget is not None and self.extra_bits is not None:
             raise QeraError("give rank_budget or extra_bits, not both (they are two ways to state one budget)")
+        if self.rank_normalize == "fisher" and self.pipeline == "sequential":
+            raise QeraError("rank_normalize='fisher' needs the whole model's loss gradients: use pipeline='oneshot' "
+                            "(or 'auto'), or rank_normalize='error' block by block")
         if self.allocates and not uses_rank:
             raise QeraError(f"method {self.method!r} has no low-rank term: a rank budget does not apply")
         if self.rank_normalize != "auto" and self.rank_normalize not in NORMALIZERS:
