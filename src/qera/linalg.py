@@ -160,12 +160,19 @@ def lowrank_objective(
     return float(((E @ autocorr.to(device=E.device, dtype=torch.float64)) * E).sum())
 
 
+def small_gram(D: torch.Tensor, scale: torch.Tensor | None = None, autocorr: torch.Tensor | None = None) -> torch.Tensor:
+    """A float64 matrix with the nonzero spectrum of ``G = D R Dᵀ``, of side ``min(out, in)``.
+
+    Wide ``D``: ``G`` itself. Tall ``D = Q T`` (thin QR): ``T R Tᵀ``, since ``G = Q (T R Tᵀ) Qᵀ``.
+    """
+    if D.shape[0] > D.shape[1]:
+        _, D = torch.linalg.qr(D.to(torch.float64))
+    return gram_matrix(D, scale, autocorr)
+
+
 def optimal_objective(D: torch.Tensor, rank: int, autocorr: torch.Tensor | None = None) -> float:
     """The minimum of :func:`lowrank_objective` over rank-``rank`` ``BA``: the tail of ``eig(D R Dᵀ)``."""
-    if D.shape[0] > D.shape[1]:  # tall: G = Q (T R Tᵀ) Qᵀ has the same nonzero spectrum as T R Tᵀ
-        _, T = torch.linalg.qr(D.to(torch.float64))
-        D = T
-    G = gram_matrix(D, autocorr=autocorr)
+    G = small_gram(D, autocorr=autocorr)
     vals = torch.linalg.eigvalsh(G)
     # trace minus the top-k is robust; summing the tail would add rounding noise of ~0 eigenvalues
     return float(torch.trace(G) - vals[vals.numel() - min(rank, vals.numel()):].sum())
@@ -176,12 +183,9 @@ def error_spectrum(D: torch.Tensor, scale: torch.Tensor | None = None, autocorr:
 
     The rank-k optimum of ``trace((D − BA) R (D − BA)ᵀ)`` removes exactly the first k of them, so
     entry ``k`` is what the (k+1)-th rank unit gains. A tall ``D = Q T`` uses ``T R Tᵀ`` (same nonzero
-    spectrum, ``in × in``); a wide one ``D R Dᵀ`` (``out × out``).
+    spectrum, ``in × in``); a wide one ``D R Dᵀ`` (``out × out``); see :func:`small_gram`.
     """
-    if D.shape[0] > D.shape[1]:
-        _, D = torch.linalg.qr(D.to(torch.float64))
-    vals = torch.linalg.eigvalsh(gram_matrix(D, scale, autocorr))
-    return vals.flip(0).clamp_min(0.0)
+    return torch.linalg.eigvalsh(small_gram(D, scale, autocorr)).flip(0).clamp_min(0.0)
 
 
 def metric_energy(W: torch.Tensor, scale: torch.Tensor | None = None, autocorr: torch.Tensor | None = None) -> float:

@@ -49,7 +49,7 @@ def output_sensitivity(
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embed is None:
         raise QeraError("rank_normalize='fisher' needs a model with input embeddings and a language-model loss")
-    sums = {name: torch.zeros((), dtype=torch.float64) for name in targets}
+    sums = {name: 0.0 for name in targets}  # Python floats: float64 sums
     tokens = 0
     handles = []
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -96,4 +96,4 @@ def output_sensitivity(
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    return {name: float(s) / max(tokens, 1) for name, s in sums.items()}
+    return {name: s / max(tokens, 1) for name, s in sums.items()}

@@ -31,8 +31,8 @@ class DiagonalScaled(Method):
         return self.scale(stats), None
 
     def solve_error(self, D, rank, stats, name):
-        s = self.scale(stats).to(D.device)
-        return weighted_lowrank(D, rank, scale=s, opts=self.solver)
+        s, _ = self.metric(stats, name)
+        return weighted_lowrank(D, rank, scale=s.to(D.device), opts=self.solver)
 
 
 @METHODS.register("lqer")
