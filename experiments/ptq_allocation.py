@@ -2,7 +2,8 @@
 
 Same protocol as the README's PTQ table (experiments/_protocol.py). One calibration pass (Σxᵀx of
 every layer) serves every run (``--stats FILE`` keeps it for the next invocation). Each run is ``METHOD:ROUNDING:FORMAT:BUDGET[:NORMALIZE]``; BUDGET
-``uN`` is rank N on every layer, ``bN`` a budget of the A/B parameters of rank N everywhere.
+``uN`` is rank N on every layer, ``bN`` a budget of the A/B parameters of rank N everywhere; a
+trailing ``:seqq`` runs the sequential pipeline with quantized-output propagation (GPTQ's setting).
 
     python experiments/ptq_allocation.py --runs qera-exact:rtn:mxint3:b8:output,qera-exact:rtn:mxint3:b8:none
         [--out runs/ptq_allocation]
@@ -28,12 +29,17 @@ DEFAULT_RUNS = ",".join([
 def parse_run(spec: str) -> tuple[QuantConfig, dict]:
     parts = spec.split(":")
     method, rounding, fmt, budget = parts[:4]
-    normalize = parts[4] if len(parts) > 4 else "output"
+    flags = parts[4:]
+    seqq = "seqq" in flags  # sequential pipeline, each block calibrated on the quantized blocks' outputs
+    normalize = next((f for f in flags if f != "seqq"), "output")
     n = int(budget[1:])
     kw = {"rank_budget": n, "rank_normalize": normalize} if budget[0] == "b" else {}
+    if seqq:
+        kw.update(pipeline="sequential", propagate="quantized")
     cfg = QuantConfig(format=fmt, method=method, rank=n, rounding=rounding, **kw)
     return cfg, {"method": method, "rounding": rounding, "format": fmt, "budget": budget,
-                 "normalize": normalize if kw else None}
+                 "normalize": normalize if budget[0] == "b" else None,
+                 "pipeline": "sequential, quantized inputs" if seqq else "oneshot"}
 
 
 def main() -> None:
@@ -56,7 +62,10 @@ def main() -> None:
     calib_s = time.perf_counter() - t0
     rows = []
     for cfg, row in runs:
-        rep, seconds, p = pr.run(cfg, stats=stats, calibration=pr.calib)  # batches: for the fisher normalization
+        if cfg.pipeline == "sequential":  # records each block's statistics itself, on the quantized inputs
+            rep, seconds, p = pr.run(cfg, calibration=pr.calib)
+        else:  # the shared statistics; batches for the fisher normalization
+            rep, seconds, p = pr.run(cfg, stats=stats, calibration=pr.calib)
         q = rep.quality()
         kinds = Counter()
         for l in rep.layers:

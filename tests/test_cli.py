@@ -45,9 +45,15 @@ def test_quantize_markdown_report(tmp_path, capsys, model_dir, text_file):
         assert f"| {layer['name']} |" in md
     for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         assert f"| {t} | 2 |" in md  # two decoder blocks per type
-    for png in ("output_error.png", "solve_seconds.png"):
+    for png in ("output_error.png", "solve_seconds.png", "spectrum.png"):
         f = tmp_path / "r_files" / png
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"r_files/{png}" in md
+    assert "## Calibration coverage" in md and "dead input channels" in md
+    for layer in data["layers"]:  # qera-exact is optimal: it leaves exactly the spectrum's tail
+        spec = layer["spectrum"]
+        assert len(spec) == min(32, *layer["shape"]) and spec == sorted(spec, reverse=True)
+        left = layer["output_error_after"] / layer["output_error_before"]
+        assert left == pytest.approx(1 - sum(spec[:4]), abs=1e-5)
 
 
 def test_compare(tmp_path, capsys, model_dir, text_file):

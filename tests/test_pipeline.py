@@ -285,3 +285,23 @@ def test_merged_and_separate_lowrank_forward_agree(stats):
     torch.testing.assert_close(merged, separate, rtol=1e-4, atol=1e-4)
     assert torch.equal(separate, uncached)
     assert all(m._w_cache is None for m in model.modules() if isinstance(m, QERALinear))
+
+
+def test_report_counts_dead_channels_and_keeps_the_spectrum(batches):
+    """A zero RMSNorm weight kills one input channel of q/k/v in block 0: the report says so, and
+    the spectrum (off by default) is kept when asked."""
+    from qera.report_render import coverage_lines
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] = 0.0
+    rep = quantize_model(model, QuantConfig(format="mxint3", method="qera-approx", rank=4, report_spectrum=8),
+                         calibration=batches, report_output_error=True, progress=False)
+    dead = {l.name: l.dead_channels for l in rep.layers}
+    hit = {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
+    assert {n for n, d in dead.items() if d} == hit and all(dead[n] == 1 for n in hit)
+    assert all(len(l.spectrum) == 8 and 0 <= sum(l.spectrum) <= 1 + 1e-9 for l in rep.layers)
+    assert any("1 / 64" in line for line in coverage_lines(rep.layers))
+    off = quantize_model(tiny_llama(), QuantConfig(format="mxint3", method="qera-approx", rank=4),
+                         calibration=batches, report_output_error=True, progress=False)
+    assert all(l.spectrum is None and l.dead_channels == 0 for l in off.layers)

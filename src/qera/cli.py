@@ -188,6 +188,7 @@ def _config(args, fmt: str, method: str, rank: int):
                               stats_precision=getattr(args, "stats_precision", "mixed"),
                               rounding=getattr(args, "rounding", "rtn"), gptq_damp=getattr(args, "gptq_damp", 0.01),
                               act_format=getattr(args, "act_format", None),
+                              report_spectrum=_report_spectrum(args),
                               method_options=_key_values(args.method_opt, "--method-opt"),
                               rank_overrides={k: int(v) for k, v in _key_values(args.rank_override, "--rank-override").items()})
     if args.include:
@@ -204,6 +205,16 @@ def _config(args, fmt: str, method: str, rank: int):
         others = set().union(*(METHODS.get(m).option_names for m in METHODS.names()))
         kw["method_options"] = {k: v for k, v in kw["method_options"].items() if k in known or k not in others}
     return QuantConfig(**kw)
+
+
+def _report_spectrum(args) -> int:
+    """``--report-spectrum``; by default 32 eigenvalues per layer when a report is written, else none."""
+    k = getattr(args, "report_spectrum", None)
+    if k is None:
+        return 32 if getattr(args, "report", None) else 0
+    if k < 0:
+        raise QeraError(f"--report-spectrum must be >= 0, got {k}")
+    return k
 
 
 def _budget(args) -> int:
@@ -310,10 +321,52 @@ def cmd_quantize(args) -> int:
 
 def cmd_eval(args) -> int:
     model, tok = _load(args, {"logits of one chunk": _logit_bytes(args)})
+    harness = _harness(args, model, tok) if args.tasks else None
     r = _eval(args, model, tok)
-    _emit(args, {"model": args.model, **r.to_dict()},
-          f"perplexity {r.perplexity:.4f} over {r.windows} windows x {r.seq_len} tokens ({r.tokens_per_second:.0f} tok/s)")
+    line = f"perplexity {r.perplexity:.4f} over {r.windows} windows x {r.seq_len} tokens ({r.tokens_per_second:.0f} tok/s)"
+    payload = {"model": args.model, **r.to_dict()}
+    if harness is not None:
+        payload["lm_eval"] = harness
+        line = harness["table"] + "\n" + harness["check_line"] + f"qera {line}"
+    _emit(args, payload, line)
     return 0
+
+
+def _harness(args, model, tok) -> dict:
+    """lm-eval ``--tasks`` on the loaded model; for ``qera_text``, the same documents scored by qera's
+    own rolling log-likelihood beside it (the two must agree)."""
+    import math
+
+    from .data import load_text
+    from .evaluation import context_length, rolling_loglikelihood
+    from .harness import TEXT_TASK, run_harness, split_documents
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = args.limit
+    if limit is not None and limit <= 0:
+        raise QeraError(f"--limit must be > 0 (a count, or a share below 1), got {limit}")
+    docs = None
+    if TEXT_TASK in tasks:
+        docs = split_documents(load_text(_source(args.eval_text, args.dataset), "evaluation"), args.doc_chars)
+        if limit is not None:
+            docs = docs[: int(limit) if limit >= 1 else math.ceil(len(docs) * limit)]
+    max_length = min(args.seq_len, context_length(model) or args.seq_len)
+    res = run_harness(model, tok, tasks, text_docs=docs, include_path=args.include_path,
+                      limit=int(limit) if limit is not None and limit >= 1 else limit, batch_size=args.batch_size,
+                      max_length=max_length, num_fewshot=args.num_fewshot, seed=args.seed)
+    out = {"tasks": tasks, "results": res.results, "settings": res.settings, "table": res.table, "check_line": ""}
+    if docs is not None:
+        s = res.settings
+        own = rolling_loglikelihood(model, tok, docs, s["max_length"], s["add_bos"], s["prefix"],
+                                    progress=not args.no_progress)
+        theirs = res.metric(TEXT_TASK, "word_perplexity")
+        rel = abs(own.word_perplexity - theirs) / theirs
+        out["qera_text"] = {"documents": len(docs), **own.to_dict(), "lm_eval_word_perplexity": theirs,
+                            "relative_difference": rel}
+        out["check_line"] = (f"{TEXT_TASK}: {len(docs)} documents, {own.tokens} tokens; word perplexity lm-eval "
+                             f"{theirs:.6g}, qera {own.word_perplexity:.6g} (rel. diff {rel:.1e}); "
+                             f"token perplexity {own.token_perplexity:.4f}\n")
+    return out
 
 
 def cmd_calibrate(args) -> int:
@@ -599,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage dtype of the non-quantized weights: embeddings, norms, LM head (default bfloat16)")
     p.add_argument("--report", help="write the per-layer report here: JSON, or .md for Markdown + PNGs (+ the JSON beside it)")
     p.add_argument("--report-output-error", action="store_true", help="also collect Σxᵀx to report layer output errors")
+    p.add_argument("--report-spectrum", type=int, default=None,
+                   help="leading eigenvalues of each layer's output-error matrix kept in the report (the decay "
+                        "behind the rank choice; one eigen-solve per layer); default 32 with --report, else 0")
     p.add_argument("--no-output-error", action="store_true",
                    help="skip the per-layer output-error report (one extra in×in product per layer; large models on a CPU)")
     g = p.add_argument_group("scale")
@@ -619,6 +675,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p); _add_eval(p); common(p)
     p.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GiB: refuse up front what cannot fit")
     p.add_argument("--dataset", choices=["builtin", "wikitext2"], default=None)
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("lm-eval-harness (pip install 'qera[eval]')")
+    g.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. qera_text,arc_easy,piqa; qera_text is the "
+                                   "evaluation text as documents (rolling log-likelihood, no hub needed)")
+    g.add_argument("--limit", type=float, default=None, help="documents per task: a count, or a share below 1")
+    g.add_argument("--include-path", help="folder of local lm-eval task YAMLs")
+    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--num-fewshot", type=int, default=None)
+    g.add_argument("--doc-chars", type=int, default=4000,
+                   help="qera_text: cut the text at paragraph breaks into documents of at least this many characters")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("calibrate", help="collect calibration statistics once, for reuse with --stats")

@@ -52,6 +52,9 @@ class QuantConfig:
         (default: ``fisher`` where the one-shot pipeline has calibration batches, else ``error``).
     act_format: quantize the input of each quantized GEMM too (e.g. ``mxint8`` for LQER's W4A8);
         the low-rank branch keeps the high-precision input. None: weights only.
+    report_spectrum: keep this many leading eigenvalues of each layer's output-error matrix
+        ``D R Dᵀ`` in its report (the decay that explains the rank; one eigen-solve per layer on top
+        of the solve); 0: none.
     """
 
     format: str = "mxint4"
@@ -72,6 +75,7 @@ class QuantConfig:
     rank_budget: float | None = None
     extra_bits: float | None = None
     rank_normalize: str = "auto"
+    report_spectrum: int = 0
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -100,6 +104,8 @@ class QuantConfig:
                 raise QeraError(f"rank override for {pattern!r} must be a non-negative integer, got {r!r}")
         if not isinstance(self.seed, int):
             raise QeraError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.report_spectrum, bool) or not isinstance(self.report_spectrum, int) or self.report_spectrum < 0:
+            raise QeraError(f"report_spectrum must be a non-negative integer, got {self.report_spectrum!r}")
         if self.pipeline not in PIPELINES:
             raise QeraError(f"pipeline must be one of {', '.join(PIPELINES)}, got {self.pipeline!r}")
         if self.propagate not in PROPAGATE:

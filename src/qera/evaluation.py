@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -89,10 +90,14 @@ class ChunkedHead:
                 x = fn(x, v)
             yield x
 
-    def nll_sum(self, ids: torch.Tensor) -> float:
-        """Summed next-token NLL of ``ids`` (positions 1..T-1), chunk by chunk."""
-        hidden = self.decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-        labels = ids[:, 1:]
+    def nll_sum(self, ids: torch.Tensor, targets: torch.Tensor | None = None) -> float:
+        """Summed next-token NLL, chunk by chunk: of ``ids`` itself (positions 1..T-1), or of
+        ``targets`` ``(B, n)`` predicted by the last ``n`` positions of ``ids`` ``(B, T)``."""
+        hidden = self.decoder(input_ids=ids, use_cache=False).last_hidden_state
+        if targets is None:
+            hidden, labels = hidden[:, :-1], ids[:, 1:]
+        else:
+            hidden, labels = hidden[:, ids.shape[1] - targets.shape[1]:], targets
         total = 0.0
         for s in range(0, hidden.shape[1], self.rows):
             x = self.head(hidden[:, s:s + self.rows]).float()
@@ -172,3 +177,89 @@ def output_error(model, reference, batches, progress: bool = False) -> dict[str,
         kl += float(F.kl_div(a.log_softmax(-1), b.log_softmax(-1), log_target=True, reduction="sum"))
         count += a.shape[0]
     return {"logit_mse": mse / count, "kl": kl / count, "tokens": count}
+
+
+def rolling_windows(n_tokens: int, length: int) -> list[tuple[int, int, int]]:
+    """Windows that score each of ``n_tokens`` document tokens exactly once, with full context.
+
+    In the sequence ``[prefix] + doc``, window ``(start, stop, first)`` reads positions
+    ``start..stop-1`` (at most ``length``) and scores the next-token predictions of its last
+    ``stop - first`` positions, i.e. doc tokens ``first..stop-1``. Consecutive windows overlap by one
+    token, and the last window reaches back a full ``length`` (lm-eval-harness' rolling scheme).
+    """
+    if length < 1:
+        raise QeraError(f"window length must be >= 1, got {length}")
+    out, first = [], 0
+    while first < n_tokens:
+        stop = min(first + length, n_tokens)
+        out.append((max(0, stop - length), stop, first))
+        first = stop
+    return out
+
+
+@dataclass
+class RollingResult:
+    """Summed log-likelihood of documents under rolling windows, and the units it is averaged over."""
+
+    loglikelihood: float  # nats, summed over every token of every document
+    tokens: int
+    words: int  # whitespace-separated fields, counted as lm-eval-harness counts them
+    bytes: int  # UTF-8
+
+    @property
+    def word_perplexity(self) -> float:
+        return math.exp(-self.loglikelihood / self.words)
+
+    @property
+    def byte_perplexity(self) -> float:
+        return math.exp(-self.loglikelihood / self.bytes)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return -self.loglikelihood / self.bytes / math.log(2)
+
+    @property
+    def token_perplexity(self) -> float:
+        return math.exp(-self.loglikelihood / self.tokens)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "word_perplexity": self.word_perplexity, "byte_perplexity": self.byte_perplexity,
+                "bits_per_byte": self.bits_per_byte, "token_perplexity": self.token_perplexity}
+
+
+def count_words(doc: str) -> int:
+    return len(re.split(r"\s+", doc))
+
+
+@torch.no_grad()
+def rolling_loglikelihood(model, tokenizer, docs: list[str], length: int, add_bos: bool, prefix: int,
+                          progress: bool = True) -> RollingResult:
+    """Log-likelihood of whole documents, each token predicted once (see :func:`rolling_windows`).
+
+    Each document is encoded with special tokens iff ``add_bos`` and preceded by the ``prefix``
+    token, so the first token is predicted too. The same quantity lm-eval-harness computes for its
+    ``loglikelihood_rolling`` tasks (word perplexity of WikiText), computed here independently.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, n_tok, n_words, n_bytes = 0.0, 0, 0, 0
+    try:
+        head = None
+        for doc in tqdm(docs, desc="rolling log-likelihood", unit="doc", disable=not progress):
+            ids = tokenizer(doc, add_special_tokens=add_bos)["input_ids"]
+            seq = torch.tensor([prefix] + list(ids), dtype=torch.long, device=device)
+            if head is None:
+                head = ChunkedHead.for_model(model, seq[None, :16]) or False
+            for start, stop, first in rolling_windows(len(ids), length):
+                window, targets = seq[None, start:stop], seq[None, first + 1:stop + 1]
+                if head:
+                    total -= head.nll_sum(window, targets)
+                else:
+                    logits = model(input_ids=window, use_cache=False).logits[:, -targets.shape[1]:].float()
+                    total -= float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                   reduction="sum"))
+            n_tok, n_words, n_bytes = n_tok + len(ids), n_words + count_words(doc), n_bytes + len(doc.encode())
+    finally:
+        model.train(was_training)
+    return RollingResult(total, n_tok, n_words, n_bytes)

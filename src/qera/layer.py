@@ -51,6 +51,20 @@ def _report_dtype(out_f: int, in_f: int) -> torch.dtype:
 ROW_CHUNK = 1024  # rows of D per step of the report (keeps its temporaries to a few chunks)
 
 
+def dead_channels(R: torch.Tensor) -> int:
+    """Input channels with ``R_ii = 0``: no calibration token reached them (a zero norm weight, unused
+    embedding rows); any reconstruction is blind there."""
+    return int((torch.diagonal(R) <= 0).sum())
+
+
+def spectrum_head(D: torch.Tensor, R: torch.Tensor, k: int) -> list[float]:
+    """The ``k`` largest eigenvalues of ``D R Dᵀ`` over its trace (float64): entry ``i`` is the share
+    of the output error the optimal rank-``i+1`` term removes beyond rank ``i``."""
+    vals = error_spectrum(D.to(R.dtype), None, R)
+    total = float(vals.sum())
+    return [float(v) / total for v in vals[:k]] if total > 0 else [0.0] * min(k, vals.numel())
+
+
 def output_errors(
     D: torch.Tensor, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor, rows: int = ROW_CHUNK
 ) -> tuple[float, float]:
@@ -210,7 +224,7 @@ class LayerQuantizer:
         # LoftQ replaces W̃: "before" is measured against the first W̃
         D0 = D if rec.qweight is q0 else W.to(torch.float32) - q0.dequantize(torch.float32).to(W.device)
         we_before, we_after = weight_errors(D0, D, rec.A, rec.B, dtype)
-        oe_before = oe_after = None
+        oe_before = oe_after = dead = spectrum = None
         if output_error and stats is not None and "xtx" in stats.kinds and stats.count > 0:
             R = stats.autocorrelation(dtype).to(W.device)
             if D0 is D:
@@ -218,6 +232,9 @@ class LayerQuantizer:
             else:
                 oe_before, _ = output_errors(D0, rec.A[:0], rec.B[:, :0], R)
                 _, oe_after = output_errors(D, rec.A, rec.B, R)
+            dead = dead_channels(R)
+            if self.config.report_spectrum:
+                spectrum = spectrum_head(D0, R, self.config.report_spectrum)
             del R
         r = rec.rank
         return LayerReport(
@@ -226,7 +243,7 @@ class LayerQuantizer:
             bits_total=self.fmt.bits_per_weight + self.lowrank_bits * r * (in_f + out_f) / (in_f * out_f),
             weight_error_before=we_before, weight_error_after=we_after,
             output_error_before=oe_before, output_error_after=oe_after, seconds=seconds,
-            tokens=stats.count if stats is not None else None,
+            tokens=stats.count if stats is not None else None, dead_channels=dead, spectrum=spectrum,
         )
 
 

@@ -27,6 +27,10 @@ class LayerReport:
     tokens: int | None = None  # calibration rows behind this layer's statistics
     block: int | None = None  # decoder block index (sequential pipeline)
     note: str | None = None  # e.g. a fallback taken for this layer
+    dead_channels: int | None = None  # input channels no calibration token reached (R's diagonal is 0)
+    # leading eigenvalues of D R Dᵀ (D = W − W̃ before the low-rank term) over its trace: the share of
+    # the output error each rank unit of the optimal (qera-exact) term removes; config.report_spectrum
+    spectrum: list[float] | None = None
 
 
 @dataclass

@@ -3,7 +3,9 @@
 ``write_report(report, "report.md")`` writes ``report.md``, the same data as ``report.json`` beside
 it, and ``report_files/*.png`` (with matplotlib; without it the Markdown says the figures were
 skipped). The figures: each layer's output error after / before reconstruction against depth, by
-layer type; and the time each layer's solve took.
+layer type; ranks by depth (when they differ); the eigenvalue decay of the error (with
+``report_spectrum``); and the time each layer's solve took. A section on calibration coverage
+lists tokens per layer and the input channels no calibration token reached.
 """
 
 from __future__ import annotations
@@ -98,10 +100,72 @@ def _figures(report: QuantReport, folder: Path) -> list[tuple[str, Path]]:
     if len({p[3] for pts in series.values() for p in pts}) > 1:  # ranks differ across layers (allocated or overridden)
         out.append(("Rank by depth", _depth_plot(plt, series, 3, folder / "ranks.png", (8, 3.5), "rank",
                                                  "Rank of each layer's low-rank term", marker="o", ms=3)))
+    spectra = _spectra_by_type(report.layers)
+    if spectra:
+        out.append(("Eigenvalue decay", _spectrum_plot(plt, spectra, report, folder / "spectrum.png")))
     if series:
         out.append(("Solve time", _depth_plot(plt, series, 2, folder / "solve_seconds.png", (8, 3.5), "seconds",
                                               "Solve time per layer", marker=".")))
     return out
+
+
+def _spectra_by_type(layers: Sequence[LayerReport]) -> dict[str, list[float]]:
+    """Per layer type, the median over its layers of the output error left at rank k, k = 0..K
+    (``1 − Σ_{i<k} spectrum_i``: what the optimal rank-k term leaves of the error before it)."""
+    import statistics
+
+    groups: dict[str, list[list[float]]] = defaultdict(list)
+    for lay in layers:
+        if lay.spectrum:
+            left, acc = [1.0], 0.0
+            for v in lay.spectrum:
+                acc += v
+                left.append(max(1.0 - acc, 0.0))
+            groups[layer_type(lay.name)].append(left)
+    out = {}
+    for t, curves in groups.items():
+        n = min(len(c) for c in curves)
+        out[t] = [statistics.median(c[k] for c in curves) for k in range(n)]
+    return out
+
+
+def _spectrum_plot(plt, spectra: dict[str, list[float]], report: QuantReport, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for t, left in sorted(spectra.items()):
+        ax.plot(range(len(left)), left, label=t, marker=".", ms=3)
+    ranks = sorted({l.rank for l in report.layers} - {0})
+    for r in {ranks[0], ranks[-1]} if ranks else ():
+        ax.axvline(r, color="gray", ls="--", lw=1)
+    ax.set_yscale("log")
+    ax.set(xlabel="rank k", ylabel="output error left / before",
+           title="Eigenvalue decay of D R Dᵀ: error the optimal rank-k term leaves (median per type; dashed: ranks used)")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def coverage_lines(layers: Sequence[LayerReport]) -> list[str]:
+    """Markdown lines on what the calibration reached: tokens per layer and dead input channels."""
+    tokens = [l.tokens for l in layers if l.tokens is not None]
+    lines = ["", "## Calibration coverage", ""]
+    lines.append(f"- tokens per layer: {min(tokens):,}–{max(tokens):,}" if tokens else "- tokens per layer: not recorded")
+    dead = [(l.name, l.dead_channels, l.shape[1]) for l in layers if l.dead_channels]
+    if not any(l.dead_channels is not None for l in layers):
+        lines.append("- dead input channels: not measured (needs Σxᵀx)")
+    elif not dead:
+        lines.append("- dead input channels (never reached by a calibration token): none")
+    else:
+        lines.append(f"- dead input channels (never reached by a calibration token): {sum(d[1] for d in dead):,} in "
+                     f"{len(dead)} layers; the reconstruction cannot see errors there")
+        lines += ["", "| layer | dead / inputs |", "|---|---:|"]
+        lines += [f"| {n} | {d} / {w} |" for n, d, w in dead[:50]]
+        if len(dead) > 50:
+            lines.append(f"| … {len(dead) - 50} more | |")
+    return lines
 
 
 def _rank_text(c) -> str:
@@ -133,6 +197,7 @@ def render_markdown(report: QuantReport, figures: Sequence[tuple[str, Path]] = (
     for r in by_type(report.layers):
         lines.append(f"| {r['type']} | {r['layers']} | {','.join(map(str, r['rank']))} | {r['bits_total']:.3f} | "
                      f"{_fmt(r['output_error_ratio'])} | {_fmt(r['weight_error_ratio'])} | {r['seconds']:.2f} |")
+    lines += coverage_lines(report.layers)
     for title, path in figures:
         rel = path.relative_to(base) if base is not None else path
         lines += ["", f"## {title}", "", f"![{title}]({rel.as_posix()})"]
