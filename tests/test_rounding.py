@@ -143,3 +143,19 @@ def test_qera_iter_is_never_worse_than_qera_exact(rounding):
         assert min(objs[1:]) < o_exact, objs
     with pytest.raises(QeraError, match="iters"):
         get_method("qera-iter", iters=0)
+
+
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    """U (one Cholesky of the reversed H and a triangular inverse) equals chol(H⁻¹, upper); dead channels get a unit diagonal."""
+    from qera.rounding import inverse_hessian_factor
+
+    x = correlated_inputs(500, 40, seed=3)
+    x[:, 7] = 0.0  # a channel no token reached
+    R = (x.T @ x / x.shape[0]).double()
+    U = inverse_hessian_factor(R, damp=0.05)
+    H = R.clone()
+    H[7, 7] = 1.0
+    H += 0.05 * float(torch.diagonal(H).mean()) * torch.eye(40, dtype=H.dtype)
+    want = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    assert torch.equal(U, torch.triu(U)) and bool((torch.diagonal(U) > 0).all())
+    torch.testing.assert_close(U, want, rtol=1e-9, atol=1e-12)
