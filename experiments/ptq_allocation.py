@@ -42,13 +42,34 @@ def parse_run(spec: str) -> tuple[QuantConfig, dict]:
                  "pipeline": "sequential, quantized inputs" if seqq else "oneshot"}
 
 
+def cache_sensitivity(path: Path) -> None:
+    """Every run here uses the same fp model and calibration windows, so the loss-gradient pass of
+    the fisher normalization is the same each time: compute it once and keep it in ``path``."""
+    import qera.drivers.oneshot as oneshot
+
+    compute = oneshot.output_sensitivity
+
+    def cached(model, batches, targets, progress=False):
+        if path.is_file():
+            return json.loads(path.read_text())
+        sens = compute(model, batches, targets, progress)
+        write_json(path, sens)
+        return sens
+
+    oneshot.output_sensitivity = cached
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--runs", default=DEFAULT_RUNS)
     ap.add_argument("--out", default="runs/ptq_allocation")
     ap.add_argument("--stats", help="statistics file: read if it exists, else written after the calibration pass")
+    ap.add_argument("--sensitivity", help="JSON of the fisher normalization's per-layer sensitivities: read if it "
+                                          "exists, else written by the first run that computes them")
     args = ap.parse_args()
+    if args.sensitivity:
+        cache_sensitivity(Path(args.sensitivity))
     runs = [parse_run(s) for s in args.runs.split(",")]
     pr = Protocol.load(args.model)
     out = Path(args.out)
