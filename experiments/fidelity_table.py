@@ -96,7 +96,8 @@ def render(cells: dict[tuple, dict], fp: float | None) -> str:
                 continue
             text = f"{c['perplexity']:.2f} ({c['seconds']:.0f} s)"
             row.append(f"**{text}**" if best.get((fmt, rank)) == key else text)
-        lines.append(f"| {label} | " + " | ".join(row) + " |")
+        if any(c != "–" for c in row):  # rows never measured are left out
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
     if fp is not None:
         lines.append(f"\n(fp32: {fp:.2f}; cells: perplexity (solve seconds); w-only rows have W̃'s bits only)")
     return "\n".join(lines)
