@@ -84,5 +84,5 @@ def _solve_all(ctx: DriverContext, stats, own: bool) -> None:
         done.add(name)
         if stats is not None and (own or stats.lazy):
             stats.release(name, done)  # free them as we go (a lazy file keeps them for the next run)
-            trim_heap()
+        trim_heap()  # the layer's solve temporaries come from the heap: give them back (1 GiB on SmolLM2)
     ctx.report.solve_seconds = time.perf_counter() - t0
