@@ -345,15 +345,16 @@ def _harness(args, model, tok) -> dict:
     limit = args.limit
     if limit is not None and limit <= 0:
         raise QeraError(f"--limit must be > 0 (a count, or a share below 1), got {limit}")
+    if limit is not None and limit >= 1:
+        limit = int(limit)  # a count; below 1 a share, as lm-eval reads it
     docs = None
     if TEXT_TASK in tasks:
         docs = split_documents(load_text(_source(args.eval_text, args.dataset), "evaluation"), args.doc_chars)
         if limit is not None:
-            docs = docs[: int(limit) if limit >= 1 else math.ceil(len(docs) * limit)]
+            docs = docs[: limit if isinstance(limit, int) else math.ceil(len(docs) * limit)]
     max_length = min(args.seq_len, context_length(model) or args.seq_len)
-    res = run_harness(model, tok, tasks, text_docs=docs, include_path=args.include_path,
-                      limit=int(limit) if limit is not None and limit >= 1 else limit, batch_size=args.batch_size,
-                      max_length=max_length, num_fewshot=args.num_fewshot, seed=args.seed)
+    res = run_harness(model, tok, tasks, text_docs=docs, include_path=args.include_path, limit=limit,
+                      batch_size=args.batch_size, max_length=max_length, num_fewshot=args.num_fewshot, seed=args.seed)
     out = {"tasks": tasks, "results": res.results, "settings": res.settings, "table": res.table, "check_line": ""}
     if docs is not None:
         s = res.settings

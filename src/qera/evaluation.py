@@ -108,6 +108,20 @@ class ChunkedHead:
         return total
 
 
+def nll_sum(model, head: ChunkedHead | None, ids: torch.Tensor, targets: torch.Tensor | None = None) -> float:
+    """Summed next-token NLL of ``ids`` ``(B, T)`` (positions 1..T-1), or of ``targets`` ``(B, n)``
+    predicted by the last ``n`` positions; through ``head`` when there is one, else full logits."""
+    if head is not None:
+        return head.nll_sum(ids, targets)
+    logits = model(input_ids=ids, use_cache=False).logits
+    if targets is None:
+        logits, targets = logits[:, :-1], ids[:, 1:]
+    else:
+        logits = logits[:, ids.shape[1] - targets.shape[1]:]
+    logits = logits.float()
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -149,13 +163,8 @@ def perplexity(
         head = ChunkedHead.for_model(model, windows[:1].to(device))
         for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="win", disable=not progress):
             batch = batch.to(device)
-            labels = batch[:, 1:]
-            if head is not None:
-                total += head.nll_sum(batch)
-            else:
-                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-                total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"))
-            count += labels.numel()
+            total += nll_sum(model, head, batch)
+            count += batch[:, 1:].numel()
     finally:
         model.train(was_training)
     nll = total / count
@@ -244,22 +253,15 @@ def rolling_loglikelihood(model, tokenizer, docs: list[str], length: int, add_bo
     was_training = model.training
     model.eval()
     total, n_tok, n_words, n_bytes = 0.0, 0, 0, 0
+    seqs = [torch.tensor([prefix] + list(tokenizer(d, add_special_tokens=add_bos)["input_ids"]), dtype=torch.long,
+                         device=device) for d in docs]
     try:
-        head = None
-        for doc in tqdm(docs, desc="rolling log-likelihood", unit="doc", disable=not progress):
-            ids = tokenizer(doc, add_special_tokens=add_bos)["input_ids"]
-            seq = torch.tensor([prefix] + list(ids), dtype=torch.long, device=device)
-            if head is None:
-                head = ChunkedHead.for_model(model, seq[None, :16]) or False
-            for start, stop, first in rolling_windows(len(ids), length):
-                window, targets = seq[None, start:stop], seq[None, first + 1:stop + 1]
-                if head:
-                    total -= head.nll_sum(window, targets)
-                else:
-                    logits = model(input_ids=window, use_cache=False).logits[:, -targets.shape[1]:].float()
-                    total -= float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                   reduction="sum"))
-            n_tok, n_words, n_bytes = n_tok + len(ids), n_words + count_words(doc), n_bytes + len(doc.encode())
+        head = ChunkedHead.for_model(model, seqs[0][None, :16]) if seqs else None
+        for doc, seq in tqdm(list(zip(docs, seqs)), desc="rolling log-likelihood", unit="doc", disable=not progress):
+            n = seq.numel() - 1
+            for start, stop, first in rolling_windows(n, length):
+                total -= nll_sum(model, head, seq[None, start:stop], seq[None, first + 1:stop + 1])
+            n_tok, n_words, n_bytes = n_tok + n, n_words + count_words(doc), n_bytes + len(doc.encode())
     finally:
         model.train(was_training)
     return RollingResult(total, n_tok, n_words, n_bytes)
