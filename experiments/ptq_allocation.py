@@ -3,7 +3,10 @@
 Same protocol as the README's PTQ table (experiments/_protocol.py). One calibration pass (Σxᵀx of
 every layer) serves every run (``--stats FILE`` keeps it for the next invocation). Each run is ``METHOD:ROUNDING:FORMAT:BUDGET[:NORMALIZE]``; BUDGET
 ``uN`` is rank N on every layer, ``bN`` a budget of the A/B parameters of rank N everywhere; a
-trailing ``:seqq`` runs the sequential pipeline with quantized-output propagation (GPTQ's setting).
+trailing ``:seqq`` runs the sequential pipeline with quantized-output propagation (GPTQ's setting),
+``:ow`` weighs each layer's output channels by the loss's squared gradients (``output_weight="fisher"``;
+the allocation's normalization is then ``none`` unless given), ``:kfac`` by their full covariance
+(``output_weight="kfac"``).
 
     python experiments/ptq_allocation.py --runs qera-exact:rtn:mxint3:b8:output,qera-exact:rtn:mxint3:b8:none
         [--out runs/ptq_allocation]
@@ -31,15 +34,19 @@ def parse_run(spec: str) -> tuple[QuantConfig, dict]:
     method, rounding, fmt, budget = parts[:4]
     flags = parts[4:]
     seqq = "seqq" in flags  # sequential pipeline, each block calibrated on the quantized blocks' outputs
-    normalize = next((f for f in flags if f != "seqq"), "output")
+    ow = "kfac" if "kfac" in flags else "fisher" if "ow" in flags else None  # output channels weighted by the loss
+    normalize = next((f for f in flags if f not in ("seqq", "ow", "kfac")), "auto" if ow else "output")
     n = int(budget[1:])
     kw = {"rank_budget": n, "rank_normalize": normalize} if budget[0] == "b" else {}
     if seqq:
         kw.update(pipeline="sequential", propagate="quantized")
+    if ow:
+        kw.update(output_weight=ow)
     cfg = QuantConfig(format=fmt, method=method, rank=n, rounding=rounding, **kw)
     return cfg, {"method": method, "rounding": rounding, "format": fmt, "budget": budget,
                  "normalize": normalize if budget[0] == "b" else None,
-                 "pipeline": "sequential, quantized inputs" if seqq else "oneshot"}
+                 "pipeline": "sequential, quantized inputs" if seqq else "oneshot",
+                 "output_weight": ow or "none"}
 
 
 def cache_sensitivity(path: Path) -> None:
@@ -59,6 +66,30 @@ def cache_sensitivity(path: Path) -> None:
     oneshot.output_sensitivity = cached
 
 
+def cache_fisher(path: Path) -> None:
+    """The same for the per-output-channel squared gradients of ``output_weight="fisher"`` (safetensors)."""
+    from safetensors.torch import load_file
+
+    from safetensors.torch import load_file, save_file
+
+    import qera.drivers.oneshot as oneshot
+    import qera.sensitivity as sensitivity
+    from qera.atomic import write_file
+
+    compute = sensitivity.output_fisher
+
+    def cached(model, batches, targets, progress=False, full=False):
+        where = path.with_name(path.stem + "_full" + path.suffix) if full else path
+        if where.is_file():
+            return load_file(str(where))
+        fisher = compute(model, batches, targets, progress, full=full)
+        write_file(where, lambda tmp: save_file({k: v.contiguous() for k, v in fisher.items()}, str(tmp)))
+        return fisher
+
+    oneshot.output_fisher = cached
+    sensitivity.output_fisher = cached  # the sequential driver imports it when it runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -67,9 +98,14 @@ def main() -> None:
     ap.add_argument("--stats", help="statistics file: read if it exists, else written after the calibration pass")
     ap.add_argument("--sensitivity", help="JSON of the fisher normalization's per-layer sensitivities: read if it "
                                           "exists, else written by the first run that computes them")
+    ap.add_argument("--fisher", help="safetensors of the per-output-channel squared loss gradients (:ow runs; "
+                                     ":kfac runs use NAME_full): read if it exists, else written by the first run "
+                                     "that computes them")
     args = ap.parse_args()
     if args.sensitivity:
         cache_sensitivity(Path(args.sensitivity))
+    if args.fisher:
+        cache_fisher(Path(args.fisher))
     runs = [parse_run(s) for s in args.runs.split(",")]
     pr = Protocol.load(args.model)
     out = Path(args.out)

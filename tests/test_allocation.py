@@ -11,7 +11,7 @@ from qera import QeraError, QuantConfig, collect_statistics, load_quantized, qua
 from qera.allocation import ErrorCurve, allocate_ranks, budget_params
 from qera.linalg import error_spectrum, metric_energy, optimal_objective, weighted_error, weighted_lowrank
 from qera.methods import get_method
-from tiny import tiny_llama
+from tiny import direct_output_gradients, tiny_llama
 
 ALL = ("abs", "sq", "xtx")
 
@@ -203,18 +203,8 @@ def test_output_sensitivity_equals_direct_autograd(batches):
     assert all(not m._forward_hooks for m in model.modules())
     want = {n: 0.0 for n in targets}
     tokens = 0
-    for b in batches:
-        outs = {}
-        hs = [m.register_forward_hook(lambda mod, a, o, n=n: outs.__setitem__(n, o)) for n, m in targets.items()]
-        emb = model.get_input_embeddings()(b["input_ids"]).detach().requires_grad_()
-        labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
-        # the summed token losses of each window (a window's loss does not depend on the others)
-        logits = model(inputs_embeds=emb, attention_mask=b["attention_mask"]).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
-        for h in hs:
-            h.remove()
-        grads = torch.autograd.grad(loss, [outs[n] for n in targets])
-        for n, g in zip(targets, grads):
+    for b in batches:  # the summed token losses of each window (a window's loss does not depend on the others)
+        for n, g in direct_output_gradients(model, b, targets).items():
             want[n] += float((g.double() ** 2).sum()) / g.shape[-1]
         tokens += int(b["attention_mask"].sum())
     for n in targets:

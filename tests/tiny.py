@@ -61,3 +61,19 @@ def tiny_bert_dir(path, seed: int = 0):
     BertModel(cfg).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+def direct_output_gradients(model, batch, targets) -> dict:
+    """``{layer: ∂L/∂y}`` (batch, seq, out) of one batch by ``torch.autograd.grad`` on the captured
+    outputs, ``L`` the summed next-token losses of its windows: the reference for qera.sensitivity."""
+    outs = {}
+    hs = [m.register_forward_hook(lambda mod, a, o, n=n: outs.__setitem__(n, o)) for n, m in targets.items()]
+    try:
+        emb = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        logits = model(inputs_embeds=emb, attention_mask=batch["attention_mask"]).logits
+    finally:
+        for h in hs:
+            h.remove()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+    return dict(zip(targets, torch.autograd.grad(loss, [outs[n] for n in targets])))

@@ -78,6 +78,11 @@ def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
                         help="allocate ranks across layers within the A/B parameters of rank R everywhere (replaces --rank)")
     budget.add_argument("--extra-bits", type=float, metavar="BITS",
                         help="allocate ranks across layers within BITS bits per weight for A and B (replaces --rank)")
+    g.add_argument("--output-weight", choices=["none", "fisher", "kfac"], default="none",
+                   help="weigh a layer's output channels by the loss's gradients there: fisher (mean squared gradient "
+                        "per channel) or kfac (their full covariance); one backward pass over the calibration data, "
+                        "one-shot only; the low-rank term then minimizes the layer's loss cost, not its plain output "
+                        "error. Default none")
     g.add_argument("--rank-normalize", choices=["auto", "fisher", "output", "error", "none"], default="auto",
                    help="what makes layer errors comparable for the allocation: the loss's mean squared gradient at "
                         "the layer output (fisher: one backward pass over the calibration data, one-shot only), the "
@@ -197,7 +202,8 @@ def _config(args, fmt: str, method: str, rank: int):
         kw["exclude"] = args.exclude
     if METHODS.get(method).uses_rank:
         kw.update(rank_budget=getattr(args, "rank_budget", None), extra_bits=getattr(args, "extra_bits", None),
-                  rank_normalize=getattr(args, "rank_normalize", "auto"))
+                  rank_normalize=getattr(args, "rank_normalize", "auto"),
+                  output_weight=getattr(args, "output_weight", "none"))
     if not METHODS.get(method).uses_rank:
         kw["method_options"] = {}
     else:  # compare passes one --method-opt list to every method: each drops the other methods' options
@@ -297,7 +303,8 @@ def cmd_quantize(args) -> int:
     from .pipeline import stats_kinds_for
 
     needs_data = bool(stats_kinds_for(config, args.report_output_error)) or config.pipeline != "oneshot"
-    fisher = config.allocates and config.rank_normalize in ("fisher", "auto")  # the loss gradients need batches
+    fisher = (config.allocates and config.rank_normalize in ("fisher", "auto")) or config.output_weight != "none"
+    # the loss gradients need batches
     if needs_data and (stats is None or config.pipeline != "oneshot" or fisher):
         calibration = _calibration_batches(args, tok)
     report = quantize_and_save(
@@ -400,12 +407,16 @@ def cmd_info(args) -> int:
     ranks = sorted({m["rank"] for m in meta["layers"].values()})
     allocated = qc.get("rank_budget") is not None or qc.get("extra_bits") is not None
     payload = {"path": str(args.path), "qera_version": meta.get("qera_version"), "layers": len(meta["layers"]),
-               "format": qc.get("format"), "method": qc.get("method"), "rank": qc.get("rank"),
-               "ranks": ranks, "pipeline": qc.get("pipeline"), "propagate": qc.get("propagate"),
+               "format": qc.get("format"), "method": qc.get("method"),
+               "rank": None if allocated else qc.get("rank"),  # allocated: the budget below says it
+               "ranks": ranks, "rounding": qc.get("rounding", "rtn"),
+               "output_weight": qc.get("output_weight", "none"),
+               "pipeline": qc.get("pipeline"), "propagate": qc.get("propagate"),
                "bits_weight": b["bits_weight"], "bits_total": b["bits_total"], "bytes_on_disk": size}
-    text = "\n".join(f"{k:>13}: {v}" for k, v in payload.items())
     if allocated:
         payload["rank_budget"], payload["extra_bits"] = qc.get("rank_budget"), qc.get("extra_bits")
+    text = "\n".join(f"{k:>13}: {v}" for k, v in payload.items() if v is not None)
+    if allocated:
         payload["layer_ranks"] = {n: m["rank"] for n, m in meta["layers"].items()}
         text += "\n" + _rank_table(payload["layer_ranks"])
     _emit(args, payload, text)

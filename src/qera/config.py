@@ -18,6 +18,7 @@ CONFIG_VERSION = 2
 LOWRANK_DTYPES = ("float16", "bfloat16", "float32")
 PIPELINES = ("oneshot", "sequential", "auto")
 PROPAGATE = ("fp", "quantized")
+OUTPUT_WEIGHTS = ("none", "fisher", "kfac")
 
 
 @dataclass
@@ -50,6 +51,13 @@ class QuantConfig:
         by the loss's mean squared gradient at the layer output; one-shot only), ``output`` (by
         ``trace(W R Wᵀ)``), ``error`` (by the error before the low-rank term), ``none``, or ``auto``
         (default: ``fisher`` where the one-shot pipeline has calibration batches, else ``error``).
+    output_weight: how the output channels of a layer count in its objective: ``none`` (all the
+        same: the output error ``trace(E R Eᵀ)``), ``fisher`` (each by the loss's mean squared
+        gradient at that channel: ``trace(F E R Eᵀ)``, ``F = diag E[g²]``) or ``kfac`` (``F = E[gᵀg]``,
+        the channels' gradient correlations too). Both need one loss-gradient pass through the
+        whole full-precision model (in memory, one process; the sequential pipeline runs it before
+        the first block) and put the layers' errors in the loss's units, so rank allocation's
+        ``auto`` normalization is then ``none``.
     act_format: quantize the input of each quantized GEMM too (e.g. ``mxint8`` for LQER's W4A8);
         the low-rank branch keeps the high-precision input. None: weights only.
     report_spectrum: keep this many leading eigenvalues of each layer's output-error matrix
@@ -75,6 +83,7 @@ class QuantConfig:
     rank_budget: float | None = None
     extra_bits: float | None = None
     rank_normalize: str = "auto"
+    output_weight: str = "none"
     report_spectrum: int = 0
     version: int = CONFIG_VERSION
 
@@ -140,6 +149,15 @@ class QuantConfig:
         if self.rank_normalize == "fisher" and self.pipeline == "sequential":
             raise QeraError("rank_normalize='fisher' needs the whole model's loss gradients: use pipeline='oneshot' "
                             "(or 'auto'), or rank_normalize='error' block by block")
+        if self.output_weight not in OUTPUT_WEIGHTS:
+            raise QeraError(f"output_weight must be one of {', '.join(OUTPUT_WEIGHTS)}, got {self.output_weight!r}")
+        if self.output_weight != "none":
+            ow = self.output_weight
+            if not uses_rank:
+                raise QeraError(f"method {self.method!r} has no low-rank term: output_weight does not apply")
+            if self.rank_normalize == "fisher":
+                raise QeraError(f"output_weight={ow!r} already puts every layer's error in the loss's units: "
+                                "rank_normalize='fisher' would count the loss gradients twice (use auto or none)")
         if self.allocates and not uses_rank:
             raise QeraError(f"method {self.method!r} has no low-rank term: a rank budget does not apply")
         if self.rank_normalize != "auto" and self.rank_normalize not in NORMALIZERS:

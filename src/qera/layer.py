@@ -20,7 +20,7 @@ from .allocation import (NEEDS_SENSITIVITY, ErrorCurve, allocate_ranks, budget_p
 from .config import QuantConfig
 from .errors import QeraError, where
 from .formats import QuantizedWeight, parse_format
-from .linalg import error_spectrum, metric_energy
+from .linalg import error_spectrum, left_apply, metric_energy, output_sqrt
 from .methods import Reconstruction, get_method
 from .report import LayerReport
 from .rounding import ROUNDING_NEEDS, ROUNDINGS
@@ -130,12 +130,17 @@ class LayerQuantizer:
     def rank_for(self, name: str) -> int:
         return self.config.rank_for(name) if self.method.uses_rank else 0
 
-    def error_curve(self, name: str, module: nn.Module, stats: ActivationStats | None) -> tuple[QuantizedWeight, ErrorCurve]:
+    def error_curve(self, name: str, module: nn.Module, stats: ActivationStats | None,
+                    out_metric: torch.Tensor | None = None) -> tuple[QuantizedWeight, ErrorCurve]:
         """``(W̃, curve)``: the rounded weight and what each rank unit would remove from its error,
-        in the method's metric (the weight error where no calibration tokens reached the layer)."""
+        in the method's metric (the weight error where no calibration tokens reached the layer),
+        with the output channels weighted by ``out_metric`` ((out,) or (out, out)) when given."""
         W = linear_weight(module).detach()
         q0 = self.round(name, W, stats)
         D = W.to(torch.float32) - q0.dequantize(torch.float32).to(W.device)
+        if out_metric is not None:
+            S, _ = output_sqrt(out_metric, name=name)
+            D, W = left_apply(S, D), left_apply(S, W.to(torch.float32))
         if self.needs and stats is not None and stats.count > 0:
             scale, R = self.method.metric(stats, name)
         else:
@@ -147,13 +152,19 @@ class LayerQuantizer:
 
     def allocate(self, mods: dict[str, nn.Module], stats_of: Callable[[str], ActivationStats | None],
                  progress: bool = False, sensitivity: Mapping[str, float] | None = None,
+                 out_metrics: Mapping[str, torch.Tensor] | None = None,
                  ) -> tuple[dict[str, int], dict[str, QuantizedWeight], str]:
         """Ranks for ``mods`` under the config's budget (their share of it), the rounded weights
         (so the solve does not round again) and a one-line summary for the report.
 
-        ``sensitivity``: ``{layer: E‖∂L/∂y‖²/out}``, needed by the ``fisher`` normalization."""
+        ``sensitivity``: ``{layer: E‖∂L/∂y‖²/out}``, needed by the ``fisher`` normalization.
+        ``out_metrics``: ``{layer: (out,) or (out, out)}`` output metrics of the objective
+        (``output_weight="fisher"``): the gains are then in the loss's units and ``auto`` means ``none``."""
         cfg = self.config
-        normalize = resolve_normalize(cfg.rank_normalize, sensitivity is not None)
+        if out_metrics is not None and cfg.rank_normalize == "auto":
+            normalize = "none"
+        else:
+            normalize = resolve_normalize(cfg.rank_normalize, sensitivity is not None)
         if normalize in NEEDS_SENSITIVITY and sensitivity is None:
             raise QeraError(f"rank_normalize={cfg.rank_normalize!r} needs the loss gradients of the whole model: "
                             "use the one-shot pipeline with calibration batches")
@@ -161,7 +172,8 @@ class LayerQuantizer:
         budget = budget_params(shapes, cfg.rank_budget, cfg.extra_bits, self.lowrank_bits)
         q0s, curves = {}, []
         for name, mod in tqdm(mods.items(), desc="error spectra", unit="layer", disable=not progress):
-            q0s[name], curve = self.error_curve(name, mod, stats_of(name))
+            q0s[name], curve = self.error_curve(name, mod, stats_of(name),
+                                                out_metrics.get(name) if out_metrics is not None else None)
             curve.sensitivity = sensitivity.get(name) if sensitivity is not None else None
             curves.append(curve)
         ranks = allocate_ranks(curves, budget, normalize)
@@ -191,9 +203,10 @@ class LayerQuantizer:
 
     def __call__(
         self, name: str, module: nn.Module, stats: ActivationStats | None, output_error: bool = True,
-        rank: int | None = None, q0: QuantizedWeight | None = None,
+        rank: int | None = None, q0: QuantizedWeight | None = None, out_metric: torch.Tensor | None = None,
     ) -> LayerResult:
-        """Solve one layer; ``rank`` and ``q0`` (its already rounded weight) come from :meth:`allocate`."""
+        """Solve one layer; ``rank`` and ``q0`` (its already rounded weight) come from :meth:`allocate`;
+        ``out_metric`` ((out,) or (out, out)) weighs the output channels in the objective (``output_weight``)."""
         W = linear_weight(module).detach()
         rank = self.rank_for(name) if rank is None else rank
         t0 = time.perf_counter()
@@ -206,10 +219,10 @@ class LayerQuantizer:
             note = "no calibration tokens reached this layer: its low-rank term minimizes the weight error"
             log.warning("%s: %s", name, note)
             fallback = get_method("zeroquant-v2", seed=self.config.seed)
-            rec = fallback.solve(W, q0, rank, None, self.fmt, name)
+            rec = fallback.solve(W, q0, rank, None, self.fmt, name, out_metric)
         else:
             self.method.check(W, rank, stats, name)
-            rec = self.method.solve(W, q0, rank, stats, self.fmt, name)
+            rec = self.method.solve(W, q0, rank, stats, self.fmt, name, out_metric)
         if not (torch.isfinite(rec.A).all() and torch.isfinite(rec.B).all()):
             raise QeraError(f"the {self.config.method} solve produced NaN/Inf{where(name)}")
         seconds = time.perf_counter() - t0

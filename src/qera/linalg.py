@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import QeraError, where
+
 log = logging.getLogger(__name__)
 
 
@@ -220,14 +222,63 @@ def psd_factor(R: torch.Tensor, floor: float = 1e-10, name: str | None = None) -
     return vecs * vals.clamp_min(level).sqrt()[None, :]
 
 
-def weighted_error(D: torch.Tensor, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor, rows: int = 1024) -> float:
-    """``trace(E R Eᵀ)`` with ``E = D − B A``, a block of rows at a time (float64 sums)."""
+def weighted_error(D: torch.Tensor, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor, rows: int = 1024,
+                   out_metric: torch.Tensor | None = None) -> float:
+    """``trace(F E R Eᵀ)`` with ``E = D − B A`` (float64 sums). ``F`` is ``out_metric``: output-channel
+    weights (out,) (``diag(w)``), a PSD matrix (out, out), or None (``I``); rows go a block at a time
+    unless ``F`` is a full matrix."""
     dtype = R.dtype
     Ac, Bc = A.to(D.device, dtype), B.to(D.device, dtype)
+    if out_metric is not None and out_metric.dim() == 2:
+        E = D.to(dtype) - Bc @ Ac if A.numel() else D.to(dtype)
+        return float(((out_metric.to(D.device, dtype) @ E) * (E @ R)).sum(dtype=torch.float64))
+    w = out_metric.to(D.device, torch.float64) if out_metric is not None else None
     total = 0.0
     for r in range(0, D.shape[0], rows):
         E = D[r:r + rows].to(dtype)
         if A.numel():
             E = E - Bc[r:r + rows] @ Ac
-        total += float(((E @ R) * E).sum(dtype=torch.float64))
+        per_row = ((E @ R) * E).sum(dim=1, dtype=torch.float64)
+        total += float(per_row @ w[r:r + rows] if w is not None else per_row.sum())
     return total
+
+
+def output_sqrt(out_metric: torch.Tensor, floor: float = 1e-6,
+                name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, S⁻¹)`` float32 with ``SᵀS = F`` for an output metric ``F``: channel weights ``w ≥ 0``
+    (out,) give ``S = √w`` (out,); a PSD matrix (out, out) gives its symmetric square root. Weights
+    or eigenvalues are floored at ``floor`` × their mean (a warning names the layer) so ``S`` inverts.
+
+    Minimizing ``trace(F E R Eᵀ)`` is the plain problem on ``S D``: solve for ``(A, B')`` there and
+    take ``B = S⁻¹ B'`` (see :func:`left_apply`).
+    """
+    F = out_metric.detach().to(torch.float64)
+    if F.dim() not in (1, 2) or (F.dim() == 2 and F.shape[0] != F.shape[1]) or not torch.isfinite(F).all():
+        raise QeraError(f"an output metric must be a finite vector (out,) or square matrix (out, out), "
+                        f"got shape {tuple(F.shape)}{where(name)}")
+    if F.dim() == 1:
+        if bool((F < 0).any()):
+            raise QeraError(f"output weights must be non-negative{where(name)}")
+        vals, vecs = F, None
+    else:
+        vals, vecs = torch.linalg.eigh((F + F.T) / 2)
+    mean = float(vals.mean())
+    if mean <= 0:
+        log.warning("output metric of %s is zero (the loss never felt this layer): unweighted solve", name or "layer")
+        eye = torch.ones(F.shape[0]) if vecs is None else torch.eye(F.shape[0])
+        return eye, eye.clone()
+    level = floor * mean
+    low = int((vals < level).sum())
+    if low:
+        log.warning("output metric of %s: %d of %d %s floored at %.3g (%.0e of the mean)", name or "layer", low,
+                    vals.numel(), "channels" if vecs is None else "eigenvalues", level, floor)
+    root = vals.clamp_min(level).sqrt()
+    if vecs is None:
+        return root.to(torch.float32), (1 / root).to(torch.float32)
+    return ((vecs * root) @ vecs.T).to(torch.float32), ((vecs / root) @ vecs.T).to(torch.float32)
+
+
+def left_apply(S: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``S X`` for ``S`` a diagonal given as (out,) or a matrix (out, out); ``X`` (out, n)."""
+    S = S.to(X.device, X.dtype)
+    return S[:, None] * X if S.dim() == 1 else S @ X

@@ -169,11 +169,14 @@ def coverage_lines(layers: Sequence[LayerReport]) -> list[str]:
 
 
 def _rank_text(c) -> str:
+    ow = getattr(c, "output_weight", "none")
+    weighted = f", output channels weighted by the loss's gradients ({ow})" if ow != "none" else ""
     if c.rank_budget is not None:
-        return f"ranks allocated within the parameters of rank {c.rank_budget:g} everywhere ({c.rank_normalize} normalization)"
+        return (f"ranks allocated within the parameters of rank {c.rank_budget:g} everywhere "
+                f"({c.rank_normalize} normalization){weighted}")
     if c.extra_bits is not None:
-        return f"ranks allocated within {c.extra_bits:g} extra bits per weight ({c.rank_normalize} normalization)"
-    return f"rank {c.rank}"
+        return f"ranks allocated within {c.extra_bits:g} extra bits per weight ({c.rank_normalize} normalization){weighted}"
+    return f"rank {c.rank}{weighted}"
 
 
 def render_markdown(report: QuantReport, figures: Sequence[tuple[str, Path]] = (), base: Path | None = None) -> str:

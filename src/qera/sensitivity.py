@@ -1,10 +1,18 @@
 """How much the model's loss feels each layer's output error: mean squared loss gradients.
 
 A small change ``δy`` of a layer's output raises the next-token loss by about ``½ δyᵀ F δy``
-(``F`` the Fisher information of the output). With ``F`` taken as ``c · I`` per layer,
-``c = E[‖∂L/∂y‖²] / out`` (mean over tokens and output channels), the loss cost of the layer's
-remaining error is ``c · trace(E R Eᵀ)`` up to one factor shared by every layer. Rank allocation
-uses ``c`` to put the layers' output errors on the loss's scale (``rank_normalize="fisher"``).
+(``F`` the Fisher information of the output). Three approximations of ``F`` per layer:
+
+- per output channel, ``f_j = E[(∂L/∂y_j)²]`` (:func:`output_fisher`): the loss cost of the
+  remaining error is ``Σ_j f_j (E R Eᵀ)_jj`` — what ``QuantConfig(output_weight="fisher")`` makes
+  the solve minimize, by scaling the error's rows by ``√f`` (see :func:`qera.linalg.output_sqrt`);
+- the whole output factor ``G = E[gᵀg]`` (``full=True``; K-FAC's ``G ⊗ R`` with the tokens' gradients
+  and inputs taken as independent): the cost is ``trace(G E R Eᵀ)`` (``output_weight="kfac"``);
+- one number, ``c = mean_j f_j`` (:func:`output_sensitivity`): the cost is ``c · trace(E R Eᵀ)``,
+  which rank allocation uses to put the layers' errors on the loss's scale
+  (``rank_normalize="fisher"``).
+
+All three are up to one factor shared by every layer.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .calibration import model_device
 from .errors import QeraError
+from .targets import linear_shape
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +45,16 @@ def output_sensitivity(
     model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], targets: Mapping[str, nn.Module],
     progress: bool = False,
 ) -> dict[str, float]:
-    """``{layer: E[‖∂L/∂y‖²] / out}`` over the non-padding tokens of ``batches`` (causal LM loss).
+    """``{layer: E[‖∂L/∂y‖²] / out}``: the mean over output channels of :func:`output_fisher`."""
+    return {name: float(f.mean()) for name, f in output_fisher(model, batches, targets, progress).items()}
+
+
+def output_fisher(
+    model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], targets: Mapping[str, nn.Module],
+    progress: bool = False, full: bool = False,
+) -> dict[str, torch.Tensor]:
+    """``{layer: f}``, ``f`` (out,) float64 on the CPU: ``E[(∂L/∂y_j)²]`` per output channel, over
+    the non-padding tokens of ``batches`` (causal LM loss); with ``full``, ``E[gᵀg]`` (out, out).
 
     Gradients flow only to the activations: every parameter's ``requires_grad`` is switched off
     for the passes (and put back), so no weight gradient is ever allocated. Hooks are removed in
@@ -45,11 +63,12 @@ def output_sensitivity(
     many tokens share its window or batch.
     """
     if not batches:
-        raise QeraError("rank_normalize='fisher' needs calibration batches (the loss gradients come from them)")
+        raise QeraError("the loss gradients (rank_normalize or output_weight 'fisher') need calibration batches")
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embed is None:
-        raise QeraError("rank_normalize='fisher' needs a model with input embeddings and a language-model loss")
-    sums = {name: 0.0 for name in targets}  # Python floats: float64 sums
+        raise QeraError("the loss gradients (rank_normalize or output_weight 'fisher') need a model with input "
+                        "embeddings and a language-model loss")
+    sums: dict[str, torch.Tensor | float] = {name: 0.0 for name in targets}  # float64 sums
     tokens = 0
     handles = []
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -59,9 +78,19 @@ def output_sensitivity(
         def on_output(module, args, out):
             if torch.is_tensor(out) and out.requires_grad:
                 def acc(g: torch.Tensor) -> None:
-                    sq = g.detach().to(torch.float32).pow(2).sum(-1)  # (batch, seq)
+                    g32 = g.detach().to(torch.float32).flatten(0, -2)  # (tokens, out)
                     m = mask_now[0]
-                    sums[name] += float((sq * m).sum() if m is not None else sq.sum()) / g.shape[-1]
+                    if m is not None:
+                        g32 = g32 * m.to(g32.device).flatten()[:, None]  # a 0/1 mask: squares stay masked
+                    if full:  # one window's float32 GEMM, summed in float64 across windows
+                        part = (g32.T @ g32).to(torch.float64)
+                    else:
+                        part = g32.pow(2).sum(0, dtype=torch.float64)
+                    total = sums[name]
+                    if torch.is_tensor(total):
+                        total.add_(part.cpu())  # in place: a new (out, out) sum per window would churn the heap
+                    else:
+                        sums[name] = part.cpu()  # a fresh tensor: nothing else holds it
                 out.register_hook(acc)
         return on_output
 
@@ -87,7 +116,8 @@ def output_sensitivity(
             with torch.enable_grad():
                 out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
                 if getattr(out, "loss", None) is None:
-                    raise QeraError("rank_normalize='fisher' needs a model that returns a language-model loss")
+                    raise QeraError("the loss gradients (rank_normalize or output_weight 'fisher') need a model "
+                                    "that returns a language-model loss")
                 (out.loss * n_labels).backward()  # summed token losses: gradients do not depend on the window's length
             tokens += int(mask.sum())
     finally:
@@ -96,4 +126,10 @@ def output_sensitivity(
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    return {name: s / max(tokens, 1) for name, s in sums.items()}
+    out = {}
+    for name, s in sums.items():
+        if not torch.is_tensor(s):  # the layer's output never reached the loss
+            n = linear_shape(targets[name])[0]
+            s = torch.zeros((n, n) if full else n, dtype=torch.float64)
+        out[name] = s / max(tokens, 1)
+    return out

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from ..allocation import NEEDS_SENSITIVITY
 from ..memory import trim_heap
-from ..sensitivity import output_sensitivity
+from ..sensitivity import output_fisher, output_sensitivity
 from ..stats_store import collect_statistics_within
 from ..errors import QeraError
 from . import DRIVERS
@@ -58,11 +58,17 @@ def _solve_all(ctx: DriverContext, stats, own: bool) -> None:
     q = ctx.quantizer
     t0 = time.perf_counter()
     ranks, q0s = {}, {}
+    out_metrics = None
+    if q.config.output_weight != "none":  # every layer's objective weighs its output channels by the loss
+        t1 = time.perf_counter()
+        out_metrics = output_fisher(ctx.model, ctx.calibration or [], ctx.targets, ctx.progress,
+                               full=q.config.output_weight == "kfac")
+        ctx.report.timings["sensitivity"] = time.perf_counter() - t1
     if q.config.allocates:  # one budget over the whole model: every layer's error spectrum first
         sens = None
         norm = q.config.rank_normalize
-        if norm in NEEDS_SENSITIVITY or (norm == "auto" and ctx.calibration):  # auto: fisher when there are batches
-            t1 = time.perf_counter()
+        if out_metrics is None and (norm in NEEDS_SENSITIVITY or (norm == "auto" and ctx.calibration)):
+            t1 = time.perf_counter()  # auto: fisher when there are batches
             try:
                 sens = output_sensitivity(ctx.model, ctx.calibration or [], ctx.targets, ctx.progress)
             except QeraError as exc:
@@ -70,7 +76,7 @@ def _solve_all(ctx: DriverContext, stats, own: bool) -> None:
                     raise
                 log.info("rank allocation without loss gradients (%s)", exc)  # auto falls back to 'error'
             ctx.report.timings["sensitivity"] = time.perf_counter() - t1
-        ranks, q0s, summary = q.allocate(ctx.targets, layer_stats, ctx.progress, sens)
+        ranks, q0s, summary = q.allocate(ctx.targets, layer_stats, ctx.progress, sens, out_metrics)
         ctx.report.notes.append(summary)
         log.info("%s", summary)
     for name, module in ctx.targets.items():  # everything checkable is checked before any replacement
@@ -78,7 +84,8 @@ def _solve_all(ctx: DriverContext, stats, own: bool) -> None:
     done: set[str] = set()
     for name, module in tqdm(ctx.targets.items(), desc=f"{q.config.method} {q.config.format}", unit="layer",
                              disable=not ctx.progress):
-        result = q(name, module, layer_stats(name), ctx.output_error, ranks.get(name), q0s.pop(name, None))
+        result = q(name, module, layer_stats(name), ctx.output_error, ranks.get(name), q0s.pop(name, None),
+                   out_metrics.pop(name, None) if out_metrics is not None else None)
         ctx.replace(name, ctx.sink(name, module, result))
         ctx.report.layers.append(result.report)
         done.add(name)

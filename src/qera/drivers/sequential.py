@@ -67,6 +67,10 @@ def run_sequential(ctx: DriverContext) -> None:
     propagate = ctx.quantizer.config.propagate
     writer, q, dist = ctx.writer, ctx.quantizer, ctx.dist
     timer = PhaseTimer(ctx.device)
+    out_metrics = None
+    if q.config.output_weight != "none":
+        with timer("sensitivity"):
+            out_metrics = _loss_gradients(ctx)
     with timer("capture"):
         walk = BlockWalk.prepare(ctx.model, ctx.targets, list(ctx.calibration or []), ctx.kinds, ctx.device,
                                  ctx.placer, ctx.max_memory, ctx.gpu_memory, ctx.offload_dir, dist)
@@ -109,7 +113,7 @@ def run_sequential(ctx: DriverContext) -> None:
                     if dist is not None:
                         dist.all_reduce_stats(stats)
                 with timer("solve"):
-                    reports = _solve_block(ctx, mods, stats, i)
+                    reports = _solve_block(ctx, mods, stats, i, out_metrics)
                 del stats
                 if propagate == "quantized":
                     with timer("propagate"):
@@ -158,16 +162,33 @@ def _record(block: nn.Module, mods: dict[str, nn.Module], calls, cache, captured
         return rec.stats
 
 
-def _solve_block(ctx: DriverContext, mods: dict[str, nn.Module], stats, i: int) -> list:
+def _loss_gradients(ctx: DriverContext) -> dict:
+    """The output metrics of ``output_weight``: one loss-gradient pass over the calibration batches
+    through the whole full-precision model, before any block is quantized (so the weights say what
+    the original model's loss feels). Needs the whole model in memory, in one process."""
+    from ..sensitivity import output_fisher
+
+    ow = ctx.quantizer.config.output_weight
+    if ctx.dist is not None:
+        raise QeraError(f"output_weight={ow!r} is not supported with several processes (torchrun)")
+    if any(p.device.type == "meta" for p in ctx.model.parameters()):
+        raise QeraError(f"output_weight={ow!r} needs the whole model's loss gradients, so the whole model in memory: "
+                        "it cannot be streamed from its shards")
+    return output_fisher(ctx.model, ctx.calibration or [], ctx.targets, ctx.progress, full=ow == "kfac")
+
+
+def _solve_block(ctx: DriverContext, mods: dict[str, nn.Module], stats, i: int, out_metrics=None) -> list:
     """Check every layer of the block, then solve and replace them one by one, freeing statistics as they go.
 
     Under torchrun, layer k of the block is solved by rank k mod world; then every result is
-    broadcast in block order and every rank replaces every layer.
+    broadcast in block order and every rank replaces every layer. ``out_metrics``: the layers'
+    output metrics (``output_weight``), popped as they are used.
     """
     q, dist = ctx.quantizer, ctx.dist
     ranks, q0s = {}, {}
     if q.config.allocates:  # the block's share of the budget, spread over the block's layers
-        ranks, q0s, summary = q.allocate(mods, lambda n: stats[n] if n in stats else None)
+        ranks, q0s, summary = q.allocate(mods, lambda n: stats[n] if n in stats else None,
+                                         out_metrics=out_metrics)
         ctx.report.notes.append(f"block {i}: {summary}")
         log.info("block %d: %s", i, summary)
     for name, mod in mods.items():  # checked before any layer of the block is replaced
@@ -183,7 +204,8 @@ def _solve_block(ctx: DriverContext, mods: dict[str, nn.Module], stats, i: int) 
     results = {}
     for name in mine:
         result = q(name, mods[name], stats[name] if name in stats else None, ctx.output_error,
-                   ranks.get(name), q0s.pop(name, None))
+                   ranks.get(name), q0s.pop(name, None),
+                   out_metrics.pop(name, None) if out_metrics is not None else None)
         result.report.block = i
         finished.add(name)
         stats.release(name, finished)

@@ -12,7 +12,7 @@ import torch
 from .._registry import Registry
 from ..errors import QeraError, where
 from ..formats import QuantizedWeight, WeightFormat
-from ..linalg import SolverOptions
+from ..linalg import SolverOptions, left_apply, output_sqrt
 from ..statistics import ActivationStats, provided
 
 
@@ -112,8 +112,13 @@ class Method(ABC):
         stats: ActivationStats | None = None,
         fmt: WeightFormat | None = None,
         name: str | None = None,
+        out_metric: torch.Tensor | None = None,
     ) -> Reconstruction:
-        """Reconstruct ``W`` from its quantized form; see :func:`qera.methods.reconstruct`."""
+        """Reconstruct ``W`` from its quantized form; see :func:`qera.methods.reconstruct`.
+
+        ``out_metric``: how the output channels count in the objective ``trace(F E R Eᵀ)`` — weights
+        (out,) or a PSD matrix (out, out) from the loss's gradients (see :mod:`qera.sensitivity`);
+        the solve runs on ``S D`` (``SᵀS = F``) and ``B`` is mapped back by ``S⁻¹``. None: ``F = I``."""
         W = W.detach()
         if isinstance(qweight, QuantizedWeight):
             w_q = qweight.dequantize(torch.float32).to(W.device)
@@ -130,5 +135,11 @@ class Method(ABC):
         if not self.uses_rank:
             z = w_q.new_zeros
             return Reconstruction(z(0, W.shape[1]), z(W.shape[0], 0), w_q, qw)
-        A, B = self.solve_error(W.to(torch.float32) - w_q, rank, stats, name)  # no float32 copy of W kept
+        D = W.to(torch.float32) - w_q  # no float32 copy of W kept
+        if out_metric is None:
+            A, B = self.solve_error(D, rank, stats, name)
+        else:
+            S, S_inv = output_sqrt(out_metric, name=name)
+            A, B = self.solve_error(left_apply(S, D), rank, stats, name)
+            B = left_apply(S_inv, B)
         return Reconstruction(A.to(W.device), B.to(W.device), w_q, qw)

@@ -33,7 +33,7 @@ class LoftQ(Method):
         return weighted_lowrank(D, rank, opts=self.solver)
 
     def solve_path(
-        self, W, qweight, rank, stats=None, fmt: WeightFormat | None = None, name=None
+        self, W, qweight, rank, stats=None, fmt: WeightFormat | None = None, name=None, out_metric=None,
     ) -> Iterator[Reconstruction]:
         """Yield the reconstruction after each of the ``iters`` iterations (the last one is :meth:`solve`'s)."""
         if fmt is None:
@@ -43,14 +43,15 @@ class LoftQ(Method):
         W32 = W.detach().to(torch.float32)
         if not isinstance(qweight, QuantizedWeight):  # iteration 1 is W̃ = q(W) whatever was passed
             qweight = fmt.quantize(W32, name)
-        rec = super().solve(W, qweight, rank, stats, fmt, name)
+        rec = super().solve(W, qweight, rank, stats, fmt, name, out_metric)
         yield rec
         for _ in range(self.iters - 1):
             qw = fmt.quantize(W32 - rec.B @ rec.A, name)
-            rec = super().solve(W, qw, rank, stats, fmt, name)
+            rec = super().solve(W, qw, rank, stats, fmt, name, out_metric)
             yield rec
 
-    def solve(self, W, qweight, rank, stats=None, fmt: WeightFormat | None = None, name=None) -> Reconstruction:
-        for rec in self.solve_path(W, qweight, rank, stats, fmt, name):
+    def solve(self, W, qweight, rank, stats=None, fmt: WeightFormat | None = None, name=None,
+              out_metric=None) -> Reconstruction:
+        for rec in self.solve_path(W, qweight, rank, stats, fmt, name, out_metric):
             pass
         return rec

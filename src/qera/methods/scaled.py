@@ -120,7 +120,9 @@ class QERAIter(QERAExact):
     Options: ``iters`` (default 4; iteration 1 is qera-exact on the given ``W̃``), ``rounding``
     (``rtn`` or ``gptq``; the run's rounding by default), ``gptq_damp``. Each iterate is scored by
     ``trace(E R Eᵀ)`` with ``E = W − W̃ − BA`` and the best is returned, so the result is never worse
-    than one-shot qera-exact on the same first ``W̃``.
+    than one-shot qera-exact on the same first ``W̃``. With an output metric ``F`` (see
+    :meth:`Method.solve`) the score and every solve are ``trace(F E R Eᵀ)``; the rounding is row by
+    row, exact for a diagonal ``F`` and blind to the off-diagonal part of a full one.
     """
 
     name = "qera-iter"
@@ -137,7 +139,7 @@ class QERAIter(QERAExact):
         self.iters, self.rounding, self.gptq_damp = iters, rounding, float(gptq_damp)
         self.options.update(iters=iters, rounding=rounding, gptq_damp=self.gptq_damp)
 
-    def solve_path(self, W, qweight, rank, stats=None, fmt: WeightFormat | None = None, name=None):
+    def solve_path(self, W, qweight, rank, stats=None, fmt: WeightFormat | None = None, name=None, out_metric=None):
         """Yield ``(reconstruction, objective)`` for each iterate."""
         from ..rounding import ROUNDINGS
 
@@ -149,16 +151,17 @@ class QERAIter(QERAExact):
         R = stats.autocorrelation(torch.float64).to(W.device)
         if self.shrink:  # the same metric for re-rounding and scoring as for the solves
             shrink_toward_diagonal_(R, self.shrink)
-        rec = super().solve(W, qweight, rank, stats, fmt, name)
-        yield rec, weighted_error(W32 - rec.w_q, rec.A, rec.B, R)
+        rec = super().solve(W, qweight, rank, stats, fmt, name, out_metric)
+        yield rec, weighted_error(W32 - rec.w_q, rec.A, rec.B, R, out_metric=out_metric)
         for _ in range(self.iters - 1):
             qw = ROUNDINGS.get(self.rounding)(W32 - rec.B @ rec.A, fmt, R, name=name, damp=self.gptq_damp)
-            rec = super().solve(W, qw, rank, stats, fmt, name)
-            yield rec, weighted_error(W32 - rec.w_q, rec.A, rec.B, R)
+            rec = super().solve(W, qw, rank, stats, fmt, name, out_metric)
+            yield rec, weighted_error(W32 - rec.w_q, rec.A, rec.B, R, out_metric=out_metric)
 
-    def solve(self, W, qweight, rank, stats=None, fmt: WeightFormat | None = None, name=None) -> Reconstruction:
+    def solve(self, W, qweight, rank, stats=None, fmt: WeightFormat | None = None, name=None,
+              out_metric=None) -> Reconstruction:
         best, best_obj = None, float("inf")
-        for rec, obj in self.solve_path(W, qweight, rank, stats, fmt, name):
+        for rec, obj in self.solve_path(W, qweight, rank, stats, fmt, name, out_metric):
             if obj < best_obj:
                 best, best_obj = rec, obj
         return best
