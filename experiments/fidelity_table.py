@@ -30,6 +30,7 @@ ROWS = [  # (label, method, rounding, ranks, pipeline)
     ("RTN → qera-exact, fisher-weighted outputs, allocated", "qera-exact", "rtn", "auto+fisher", "oneshot"),
     ("GPTQ → qera-exact, fisher-weighted outputs, allocated", "qera-exact", "gptq", "auto+fisher", "oneshot"),
     ("GPTQ → qera-iter, fisher-weighted outputs, allocated", "qera-iter", "gptq", "auto+fisher", "oneshot"),
+    ("GPTQ → qera-iter (8 it.), fisher-weighted outputs, allocated", "qera-iter", "gptq", "auto+fisher+it8", "oneshot"),
     ("GPTQ → qera-iter, K-FAC-weighted outputs, allocated", "qera-iter", "gptq", "auto+kfac", "oneshot"),
     ("RTN → qera-exact, sequential, quantized inputs", "qera-exact", "rtn", "uniform", "sequential"),
     ("GPTQ → w-only, sequential, quantized inputs", "w-only", "gptq", "uniform", "sequential"),
@@ -67,6 +68,8 @@ def collect(folder: Path) -> dict[tuple, dict]:
             ranks = "uniform" if r["budget"][0] == "u" else r["normalize"]
             if r.get("output_weight", "none") != "none":  # the layers' objectives weighted by the loss's gradients
                 ranks = f"{ranks}+{r['output_weight']}"
+            if r.get("iters") is not None:  # qera-iter with other than its default 4 iterations
+                ranks = f"{ranks}+it{r['iters']}"
             pipeline = "sequential" if r.get("pipeline", "oneshot").startswith("sequential") else "oneshot"
             for fmt, rank in SETTINGS:
                 if r["format"] == fmt and (n == rank or r["method"] == "w-only"):

@@ -6,7 +6,7 @@ every layer) serves every run (``--stats FILE`` keeps it for the next invocation
 trailing ``:seqq`` runs the sequential pipeline with quantized-output propagation (GPTQ's setting),
 ``:ow`` weighs each layer's output channels by the loss's squared gradients (``output_weight="fisher"``;
 the allocation's normalization is then ``none`` unless given), ``:kfac`` by their full covariance
-(``output_weight="kfac"``).
+(``output_weight="kfac"``), ``:itN`` sets qera-iter's iterations (default 4).
 
     python experiments/ptq_allocation.py --runs qera-exact:rtn:mxint3:b8:output,qera-exact:rtn:mxint3:b8:none
         [--out runs/ptq_allocation]
@@ -35,18 +35,22 @@ def parse_run(spec: str) -> tuple[QuantConfig, dict]:
     flags = parts[4:]
     seqq = "seqq" in flags  # sequential pipeline, each block calibrated on the quantized blocks' outputs
     ow = "kfac" if "kfac" in flags else "fisher" if "ow" in flags else None  # output channels weighted by the loss
-    normalize = next((f for f in flags if f not in ("seqq", "ow", "kfac")), "auto" if ow else "output")
+    iters = next((int(f[2:]) for f in flags if f.startswith("it") and f[2:].isdigit()), None)  # qera-iter's iters
+    normalize = next((f for f in flags if f not in ("seqq", "ow", "kfac") and not (f.startswith("it") and f[2:].isdigit())),
+                     "auto" if ow else "output")
     n = int(budget[1:])
     kw = {"rank_budget": n, "rank_normalize": normalize} if budget[0] == "b" else {}
     if seqq:
         kw.update(pipeline="sequential", propagate="quantized")
     if ow:
         kw.update(output_weight=ow)
+    if iters is not None:
+        kw.update(method_options={"iters": iters})
     cfg = QuantConfig(format=fmt, method=method, rank=n, rounding=rounding, **kw)
     return cfg, {"method": method, "rounding": rounding, "format": fmt, "budget": budget,
                  "normalize": normalize if budget[0] == "b" else None,
                  "pipeline": "sequential, quantized inputs" if seqq else "oneshot",
-                 "output_weight": ow or "none"}
+                 "output_weight": ow or "none", **({"iters": iters} if iters is not None else {})}
 
 
 def cache_sensitivity(path: Path) -> None:
