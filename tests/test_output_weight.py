@@ -227,6 +227,16 @@ def test_output_weight_in_the_sequential_pipeline(batches):
     assert any("(none normalization)" in n for n in rep.notes)
 
 
+def test_kfac_refuses_matrices_over_the_memory_budget(batches, monkeypatch):
+    from qera.sensitivity import output_fisher
+
+    model = tiny_llama()
+    monkeypatch.setenv("QERA_MAX_MEMORY", "64KiB")  # the tiny model's q/k/v/o/gate/up/down need ~0.5 MiB
+    with pytest.raises(QeraError, match=r"kfac.*over the memory budget of 64.0 KiB.*output_weight='fisher'"):
+        output_fisher(model, batches, find_targets(model), full=True)
+    assert output_fisher(model, batches, find_targets(model))  # the diagonal needs no such room
+
+
 def test_output_weight_refuses_a_streamed_model(tmp_path, batches):
     """A model streamed from its shards is never whole in memory: a clear error, and no output."""
     from test_sequential import save_source

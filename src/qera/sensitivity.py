@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .calibration import model_device
 from .errors import QeraError
+from .memory import default_budget, format_size
 from .targets import linear_shape
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,14 @@ def output_fisher(
     """
     if not batches:
         raise QeraError("the loss gradients (rank_normalize or output_weight 'fisher') need calibration batches")
+    if full:  # an (out, out) float64 sum per layer: refuse before any work when it cannot fit
+        need = sum(8 * linear_shape(m)[0] ** 2 for m in targets.values())
+        budget = default_budget()
+        if need > budget:
+            raise QeraError(f"output_weight='kfac' keeps an (out x out) float64 matrix per layer: {format_size(need)} "
+                            f"for these layers, over the memory budget of {format_size(budget)} "
+                            "($QERA_MAX_MEMORY or 60% of the free RAM); use output_weight='fisher' (its diagonal)")
+        log.info("output_weight='kfac': %s of gradient covariances", format_size(need))
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embed is None:
         raise QeraError("the loss gradients (rank_normalize or output_weight 'fisher') need a model with input "
