@@ -72,11 +72,8 @@ def cache_sensitivity(path: Path) -> None:
 
 def cache_fisher(path: Path) -> None:
     """The same for the per-output-channel squared gradients of ``output_weight="fisher"`` (safetensors)."""
-    from safetensors.torch import load_file
-
     from safetensors.torch import load_file, save_file
 
-    import qera.drivers.oneshot as oneshot
     import qera.sensitivity as sensitivity
     from qera.atomic import write_file
 
@@ -90,8 +87,7 @@ def cache_fisher(path: Path) -> None:
         write_file(where, lambda tmp: save_file({k: v.contiguous() for k, v in fisher.items()}, str(tmp)))
         return fisher
 
-    oneshot.output_fisher = cached
-    sensitivity.output_fisher = cached  # the sequential driver imports it when it runs
+    sensitivity.output_fisher = cached  # both drivers look it up there when they run
 
 
 def main() -> None:

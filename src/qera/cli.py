@@ -81,7 +81,7 @@ def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
     g.add_argument("--output-weight", choices=["none", "fisher", "kfac"], default="none",
                    help="weigh a layer's output channels by the loss's gradients there: fisher (mean squared gradient "
                         "per channel) or kfac (their full covariance); one backward pass over the calibration data, "
-                        "one-shot only; the low-rank term then minimizes the layer's loss cost, not its plain output "
+                        "the whole model in memory; the low-rank term then minimizes the layer's loss cost, not its plain output "
                         "error. Default none")
     g.add_argument("--rank-normalize", choices=["auto", "fisher", "output", "error", "none"], default="auto",
                    help="what makes layer errors comparable for the allocation: the loss's mean squared gradient at "
@@ -303,8 +303,8 @@ def cmd_quantize(args) -> int:
     from .pipeline import stats_kinds_for
 
     needs_data = bool(stats_kinds_for(config, args.report_output_error)) or config.pipeline != "oneshot"
-    fisher = (config.allocates and config.rank_normalize in ("fisher", "auto")) or config.output_weight != "none"
     # the loss gradients need batches
+    fisher = (config.allocates and config.rank_normalize in ("fisher", "auto")) or config.output_weight != "none"
     if needs_data and (stats is None or config.pipeline != "oneshot" or fisher):
         calibration = _calibration_batches(args, tok)
     report = quantize_and_save(

@@ -55,10 +55,10 @@ class QuantConfig:
         same: the output error ``trace(E R Eᵀ)``), ``fisher`` (each by the loss's mean squared
         gradient at that channel: ``trace(F E R Eᵀ)``, ``F = diag E[g²]``) or ``kfac`` (``F = E[gᵀg]``,
         the channels' gradient correlations too; an (out × out) float64 matrix per layer, 1.4 GB on
-        SmolLM2-135M, tens of GB on a 7B, refused over the memory budget). Both need one loss-gradient pass through the
-        whole full-precision model (in memory, one process; the sequential pipeline runs it before
-        the first block) and put the layers' errors in the loss's units, so rank allocation's
-        ``auto`` normalization is then ``none``.
+        SmolLM2-135M, tens of GB on a 7B, refused over the memory budget). Both need one
+        loss-gradient pass through the whole full-precision model (in memory, one process; the
+        sequential pipeline runs it before the first block) and put the layers' errors in the
+        loss's units, so rank allocation's ``auto`` normalization is then ``none``.
     act_format: quantize the input of each quantized GEMM too (e.g. ``mxint8`` for LQER's W4A8);
         the low-rank branch keeps the high-precision input. None: weights only.
     report_spectrum: keep this many leading eigenvalues of each layer's output-error matrix

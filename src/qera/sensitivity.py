@@ -77,7 +77,7 @@ def output_fisher(
     if embed is None:
         raise QeraError("the loss gradients (rank_normalize or output_weight 'fisher') need a model with input "
                         "embeddings and a language-model loss")
-    sums: dict[str, torch.Tensor | float] = {name: 0.0 for name in targets}  # float64 sums
+    sums: dict[str, torch.Tensor] = {}  # float64 sums, a layer's from its first gradient on
     tokens = 0
     handles = []
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -95,9 +95,8 @@ def output_fisher(
                         part = (g32.T @ g32).to(torch.float64)
                     else:
                         part = g32.pow(2).sum(0, dtype=torch.float64)
-                    total = sums[name]
-                    if torch.is_tensor(total):
-                        total.add_(part.cpu())  # in place: a new (out, out) sum per window would churn the heap
+                    if name in sums:
+                        sums[name].add_(part.cpu())  # in place: a new (out, out) sum per window would churn the heap
                     else:
                         sums[name] = part.cpu()  # a fresh tensor: nothing else holds it
                 out.register_hook(acc)
@@ -136,9 +135,8 @@ def output_fisher(
             p.requires_grad_(flag)
         model.train(was_training)
     out = {}
-    for name, s in sums.items():
-        if not torch.is_tensor(s):  # the layer's output never reached the loss
-            n = linear_shape(targets[name])[0]
-            s = torch.zeros((n, n) if full else n, dtype=torch.float64)
+    for name, mod in targets.items():
+        n = linear_shape(mod)[0]
+        s = sums[name] if name in sums else torch.zeros((n, n) if full else n, dtype=torch.float64)  # never reached
         out[name] = s / max(tokens, 1)
     return out

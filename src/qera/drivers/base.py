@@ -59,3 +59,21 @@ class DriverContext:
         for name, old in self.replaced.items():
             replace_module(self.model, name, old)
         self.replaced.clear()
+
+
+def output_metrics(ctx: DriverContext) -> dict[str, torch.Tensor] | None:
+    """The layers' output metrics of ``output_weight`` (None for ``none``): one loss-gradient pass
+    of the whole full-precision model over the calibration batches, before any layer is replaced.
+    Both drivers call it; it needs the whole model in memory, in one process."""
+    from ..errors import QeraError
+    from .. import sensitivity
+
+    ow = ctx.quantizer.config.output_weight
+    if ow == "none":
+        return None
+    if ctx.dist is not None:
+        raise QeraError(f"output_weight={ow!r} is not supported with several processes (torchrun)")
+    if any(p.device.type == "meta" for p in ctx.model.parameters()):
+        raise QeraError(f"output_weight={ow!r} needs the whole model's loss gradients, so the whole model in memory: "
+                        "it cannot be streamed from its shards")
+    return sensitivity.output_fisher(ctx.model, ctx.calibration or [], ctx.targets, ctx.progress, full=ow == "kfac")

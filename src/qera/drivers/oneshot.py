@@ -9,11 +9,11 @@ from tqdm.auto import tqdm
 
 from ..allocation import NEEDS_SENSITIVITY
 from ..memory import trim_heap
-from ..sensitivity import output_fisher, output_sensitivity
+from ..sensitivity import output_sensitivity
 from ..stats_store import collect_statistics_within
 from ..errors import QeraError
 from . import DRIVERS
-from .base import DriverContext
+from .base import DriverContext, output_metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,7 @@ def _solve_all(ctx: DriverContext, stats, own: bool) -> None:
     out_metrics = None
     if q.config.output_weight != "none":  # every layer's objective weighs its output channels by the loss
         t1 = time.perf_counter()
-        out_metrics = output_fisher(ctx.model, ctx.calibration or [], ctx.targets, ctx.progress,
-                               full=q.config.output_weight == "kfac")
+        out_metrics = output_metrics(ctx)
         ctx.report.timings["sensitivity"] = time.perf_counter() - t1
     if q.config.allocates:  # one budget over the whole model: every layer's error spectrum first
         sens = None

@@ -28,7 +28,7 @@ from ..streaming import Placer, canonical_device
 from ..timing import PhaseTimer
 from ..targets import block_index, find_blocks, linear_shape
 from . import DRIVERS
-from .base import DriverContext
+from .base import DriverContext, output_metrics
 
 log = logging.getLogger(__name__)
 plan_log = logging.getLogger("qera.plan")
@@ -68,9 +68,9 @@ def run_sequential(ctx: DriverContext) -> None:
     writer, q, dist = ctx.writer, ctx.quantizer, ctx.dist
     timer = PhaseTimer(ctx.device)
     out_metrics = None
-    if q.config.output_weight != "none":
+    if q.config.output_weight != "none":  # the fp model's loss gradients, before any block is quantized
         with timer("sensitivity"):
-            out_metrics = _loss_gradients(ctx)
+            out_metrics = output_metrics(ctx)
     with timer("capture"):
         walk = BlockWalk.prepare(ctx.model, ctx.targets, list(ctx.calibration or []), ctx.kinds, ctx.device,
                                  ctx.placer, ctx.max_memory, ctx.gpu_memory, ctx.offload_dir, dist)
@@ -160,21 +160,6 @@ def _record(block: nn.Module, mods: dict[str, nn.Module], calls, cache, captured
                 cache.put(b, out)
             del out
         return rec.stats
-
-
-def _loss_gradients(ctx: DriverContext) -> dict:
-    """The output metrics of ``output_weight``: one loss-gradient pass over the calibration batches
-    through the whole full-precision model, before any block is quantized (so the weights say what
-    the original model's loss feels). Needs the whole model in memory, in one process."""
-    from ..sensitivity import output_fisher
-
-    ow = ctx.quantizer.config.output_weight
-    if ctx.dist is not None:
-        raise QeraError(f"output_weight={ow!r} is not supported with several processes (torchrun)")
-    if any(p.device.type == "meta" for p in ctx.model.parameters()):
-        raise QeraError(f"output_weight={ow!r} needs the whole model's loss gradients, so the whole model in memory: "
-                        "it cannot be streamed from its shards")
-    return output_fisher(ctx.model, ctx.calibration or [], ctx.targets, ctx.progress, full=ow == "kfac")
 
 
 def _solve_block(ctx: DriverContext, mods: dict[str, nn.Module], stats, i: int, out_metrics=None) -> list:
