@@ -10,7 +10,11 @@ imported. One JSON line per phase (``phase``, ``seconds``, ``peak_gpu_gb`` (null
 
     python bench/gpu_7b.py [--device cuda|cpu] [--blocks 32] [--hidden 4096] [--inter 11008] [--heads 32]
         [--vocab 32000] [--samples 128] [--seqlen 2048] [--source memory|disk] [--gpu-memory GB]
-        [--compare llmcompressor]
+        [--compare llmcompressor] [--profile FILE]
+
+``--profile FILE`` runs the first format under ``torch.profiler`` and writes the operators with the
+most device (and host) time, and the count of host synchronizations, to FILE: use it with few
+``--blocks`` (every block does the same work).
 
 Smoke test (seconds, CPU): ``--device cpu --blocks 2 --hidden 256 --inter 768 --heads 4 --vocab 1000
 --samples 8 --seqlen 128``.
@@ -105,7 +109,22 @@ def phase_failed(phase: str, exc: BaseException) -> None:
                       "where": traceback.format_exc()[-3000:]}), flush=True)
 
 
-def run_qera(a, model, src, batches, fmt: str, device: torch.device, work: Path) -> float:
+SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def profile_table(prof, device: torch.device, rows: int = 30) -> str:
+    """The profiler's top operators by device time (CUDA) or host time, then the host-sync calls."""
+    events = prof.key_averages()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    text = [events.table(sort_by=key, row_limit=rows)]
+    if device.type == "cuda":
+        text.append(events.table(sort_by="self_cpu_time_total", row_limit=rows))
+    syncs = {e.key: e.count for e in events if e.key.startswith(SYNC_OPS)}
+    text.append("host synchronizations and copies: " + json.dumps(syncs, sort_keys=True))
+    return "\n".join(text)
+
+
+def run_qera(a, model, src, batches, fmt: str, device: torch.device, work: Path, profile: str | None = None) -> float:
     """One qera job (sequential pipeline, qera-exact r32 on ``fmt``); emits its line, returns its seconds."""
     from qera import QuantConfig, find_targets, quantize_and_save, quantize_model
     from qera.targets import replace_module
@@ -115,6 +134,13 @@ def run_qera(a, model, src, batches, fmt: str, device: torch.device, work: Path)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    prof = None
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        prof = torch_profile(activities=acts)
+        prof.__enter__()
     t1 = time.perf_counter()
     if model is None:
         rep = quantize_and_save(src, cfg, work / f"out-{fmt.replace(':', '_')}", calibration=batches, overwrite=True,
@@ -128,6 +154,9 @@ def run_qera(a, model, src, batches, fmt: str, device: torch.device, work: Path)
             for name, mod in originals.items():  # the next job starts from the same weights
                 replace_module(model, name, mod)
     seconds = time.perf_counter() - t1
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        Path(profile).write_text(profile_table(prof, device))
     reserved = torch.cuda.max_memory_reserved(device) / 1e9 if device.type == "cuda" else None
     emit(f"qera {fmt} qera-exact r32", seconds, device, source=a.source, cap_gb=a.gpu_memory,
          peak_gpu_reserved_gb=reserved, calibration_s=round(rep.calibration_seconds, 3),
@@ -152,6 +181,7 @@ def main() -> None:
     ap.add_argument("--formats", default="int4:group=128,mxint4", help="comma-separated weight formats for qera")
     ap.add_argument("--batch", type=int, default=8, help="calibration rows per forward")
     ap.add_argument("--work", default=None, help="folder for the shards (--source disk) and outputs")
+    ap.add_argument("--profile", default=None, help="profile the first format's run; the table goes to this file")
     a = ap.parse_args()
 
     device = torch.device(a.device)
@@ -179,9 +209,9 @@ def main() -> None:
     emit("build model" if a.source == "memory" else "write shards", time.perf_counter() - t0, device, source=a.source)
     qera_seconds = None
     set_cap(device, a.gpu_memory)
-    for fmt in a.formats.split(","):
+    for k, fmt in enumerate(a.formats.split(",")):
         try:
-            seconds = run_qera(a, model, src, batches, fmt, device, work)
+            seconds = run_qera(a, model, src, batches, fmt, device, work, a.profile if k == 0 else None)
             qera_seconds = qera_seconds or seconds
         except Exception as exc:
             phase_failed(f"qera {fmt}", exc)

@@ -18,6 +18,9 @@ timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$OUT/te
 timeout 330 python3 bench/gpu_7b.py --device cuda --source memory --gpu-memory 24 --compare llmcompressor \
   --formats "$FORMATS" --work /tmp/gpu7b >"$OUT/memory.log" 2>"$OUT/memory.err"
 grep '^{' "$OUT/memory.log" | tee "$OUT/memory.jsonl"; tail -c 1500 "$OUT/memory.err"
+# where the record and solve phases spend their time: 4 blocks under torch.profiler (every block does the same work)
+timeout 90 python3 bench/gpu_7b.py --device cuda --source memory --blocks 4 --formats int4:group=128 \
+  --profile "$OUT/profile.txt" --work /tmp/gpu7b-prof >"$OUT/profile.jsonl" 2>"$OUT/profile.err"; head -c 600 "$OUT/profile.jsonl"
 timeout 170 python3 bench/gpu_7b.py --device cuda --source disk --formats int4:group=128 --gpu-memory 24 \
   --work /tmp/gpu7b 2>"$OUT/disk.err" | tee "$OUT/disk.jsonl"
 tail -c 1500 "$OUT/disk.err"

@@ -26,7 +26,7 @@ from qera.rounding import ROUNDINGS
 
 def output_error(D: torch.Tensor, R: torch.Tensor) -> float:
     D = D.double()
-    return output_errors(D, D.new_zeros(0, D.shape[1]), D.new_zeros(D.shape[0], 0), R)[0]
+    return float(output_errors(D, D.new_zeros(0, D.shape[1]), D.new_zeros(D.shape[0], 0), R)[0])
 
 
 def main() -> None:

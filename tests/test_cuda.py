@@ -97,6 +97,9 @@ def test_sequential_on_gpu_with_prefetch_equals_cpu():
     qg = {n: m for n, m in gpu.named_modules() if isinstance(m, QERALinear)}
     assert len(qc) == len(qg) == len(rep_c.layers) == len(rep_g.layers)
     assert all(next(m.parameters()).device.type == "cpu" for m in qg.values())  # blocks went home
+    for a, b in zip(rep_c.layers, rep_g.layers, strict=True):  # reports settled once per block, as floats
+        assert isinstance(b.weight_error_after, float) and isinstance(b.seconds, float) and b.seconds > 0
+        assert abs(a.weight_error_after - b.weight_error_after) <= 1e-2 * a.weight_error_after
     for name, m in qc.items():
         ratio = (qg[name].B.float() @ qg[name].A.float() - m.B.float() @ m.A.float()).norm() / \
             (m.B.float() @ m.A.float()).norm()
@@ -126,3 +129,24 @@ def test_failed_gpu_run_puts_the_cpu_layers_back(monkeypatch):
     state = model.state_dict()
     assert set(state) == set(ref)
     assert all(v.device.type == "cpu" and torch.equal(v, ref[k]) for k, v in state.items())
+
+
+def test_gpu_statistics_defer_checks_and_fold_pending_sums():
+    """On the GPU, bf16 rows go to a float32 pending Σxᵀx folded into float64 by the readers, and the
+    NaN/Inf check waits for finish() (no host synchronization per batch)."""
+    from qera import QeraError
+
+    x = correlated_inputs(5000, 64, seed=2).to(torch.bfloat16)
+    st = ActivationStats(64, {"xtx", "sq"}, name="L")
+    for part in x.cuda().split(1000):
+        st.update(part)
+    assert st._pending is not None and st._pending_rows == 5000
+    ref = x.double()
+    torch.testing.assert_close(st.autocorrelation().cpu(), ref.T @ ref / 5000, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(st.mean_sq().cpu(), (ref * ref).mean(0), rtol=1e-6, atol=1e-6)
+    bad = x[:10].cuda().clone()
+    bad[3, 7] = float("nan")
+    st2 = ActivationStats(64, {"xtx"}, name="L")
+    st2.update(bad)
+    with pytest.raises(QeraError, match="NaN/Inf.*layer L"):
+        st2.finish()

@@ -51,3 +51,15 @@ def test_gpu_7b_bench_smoke_on_cpu():
     for l in lines:
         assert {"seconds", "peak_gpu_gb", "peak_rss_gb"} <= set(l) and l["peak_gpu_gb"] is None and l["seconds"] > 0
     assert lines[1]["layers"] == 14 and any("plan: one block at a time on cpu" in n for n in lines[1]["notes"])
+
+
+def test_background_work_reraises_in_the_caller():
+    from qera.streaming import Background
+
+    done = []
+    Background("ok", lambda: done.append(1)).join()
+    assert done == [1]
+    job = Background("fails", lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        job.join()
+    job.join()  # raised once

@@ -352,3 +352,58 @@ def test_sequential_writer_stores_the_requested_dtype(tmp_path, batches):
     a, b = load_file(str(tmp_path / "seq" / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert a["model.norm.weight"].dtype == a["model.embed_tokens.weight"].dtype == torch.float16
+
+
+def _as_if_on_gpu(monkeypatch):
+    """Run the sequential driver's GPU code paths on the CPU: reports settled once per block,
+    statistics checks deferred to the end of each block's recording."""
+    import qera.drivers.sequential as seq
+    import qera.statistics as S
+
+    monkeypatch.setattr(seq, "_on_gpu", lambda module: True)
+    monkeypatch.setattr(S, "_device_path", lambda rows, precision: (True, False))
+    settled = []
+    real = seq.settle_reports
+    monkeypatch.setattr(seq, "settle_reports", lambda pending: (settled.append(len(pending)), real(pending)))
+    return settled
+
+
+def test_reports_settled_once_per_block_equal_per_layer(batches, monkeypatch):
+    a, b = tiny_llama(layers=3), tiny_llama(layers=3)
+    cfg = QuantConfig(format="mxint3", method="qera-exact", rank=8, pipeline="sequential", report_spectrum=4)
+    ra = quantize_model(a, cfg, calibration=batches, report_output_error=True, progress=False)
+    settled = _as_if_on_gpu(monkeypatch)
+    rb = quantize_model(b, cfg, calibration=batches, report_output_error=True, progress=False)
+    assert settled == [7, 7, 7]  # one settlement per block, of its 7 layers
+    for la, lb in zip(ra.layers, rb.layers, strict=True):
+        for key in ("weight_error_before", "weight_error_after", "output_error_before", "output_error_after",
+                    "dead_channels", "spectrum", "tokens"):
+            assert getattr(la, key) == getattr(lb, key), key
+        assert isinstance(lb.output_error_after, float) and isinstance(lb.dead_channels, int)
+        assert 0 < lb.seconds < 60
+    ids = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_a_nan_solve_found_at_settlement_leaves_the_model_unquantized(batches, monkeypatch):
+    from qera.methods.basic import ZeroQuantV2
+
+    real = ZeroQuantV2.solve_error
+
+    def poisoned(self, D, rank, stats, name):
+        A, B = real(self, D, rank, stats, name)
+        if name == "model.layers.1.mlp.up_proj":
+            A = A.clone()
+            A[0, 0] = float("nan")
+        return A, B
+
+    monkeypatch.setattr(ZeroQuantV2, "solve_error", poisoned)
+    _as_if_on_gpu(monkeypatch)
+    model = tiny_llama()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(QeraError, match=r"zeroquant-v2 solve produced NaN/Inf.*layers\.1\.mlp\.up_proj"):
+        quantize_model(model, QuantConfig(format="mxint3", method="zeroquant-v2", rank=4, pipeline="sequential"),
+                       calibration=batches, progress=False)
+    assert not any(isinstance(m, QERALinear) for m in model.modules())
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())

@@ -117,3 +117,72 @@ def test_mixed_precision_statistics_lose_nothing_on_adversarial_inputs():
     assert _objective_gap(x.to(torch.bfloat16), W) <= 1e-6
     with pytest.raises(QeraError, match="precision"):
         ActivationStats(8, {"xtx"}, precision="float16")
+
+
+# -- the GPU path (deferred checks, float32 pending sums), run on the CPU through its seam -------------
+@pytest.fixture
+def gpu_path(monkeypatch):
+    """Make every batch take the GPU path: checks deferred, bf16/fp16 rows summed in float32 pending."""
+    import qera.statistics as S
+
+    monkeypatch.setattr(S, "_device_path", lambda rows, precision: (
+        True, precision == "mixed" and rows.dtype in (torch.bfloat16, torch.float16)))
+    return S
+
+
+def test_pending_float32_sums_fold_every_flush_rows(gpu_path, monkeypatch):
+    monkeypatch.setattr(gpu_path, "FLUSH_ROWS", 1000)
+    x = correlated_inputs(5300, 48, seed=3).to(torch.bfloat16)
+    st, ref = ActivationStats(48, ALL), x.double()
+    seen = []
+    for part in x.split(700):  # calls that straddle the folds
+        st.update(part)
+        seen.append(st._pending_rows)
+        assert st._pending_rows < 1000  # a float32 run never reaches FLUSH_ROWS rows unfolded
+    assert seen[:3] == [700, 400, 100] and st.count == 5300
+    assert st._pending is not None  # 300 rows still pending: readers fold them
+    torch.testing.assert_close(st.sums["xtx"] + st._pending.double(), ref.T @ ref, rtol=1e-6, atol=1e-3)
+    R = st.autocorrelation()
+    assert st._pending is None and st._pending_rows == 0
+    torch.testing.assert_close(R, ref.T @ ref / 5300, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(st.mean_sq(), (ref * ref).mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(st.mean_abs(), ref.abs().mean(0), rtol=1e-6, atol=1e-6)
+
+
+def test_deferred_checks_fail_the_recording_not_the_batch(gpu_path):
+    from tiny import tiny_llama
+
+    from qera import find_targets, record_statistics
+
+    st = ActivationStats(8, ALL, name="model.layers.1.mlp.down_proj")
+    st.update(torch.randn(10, 8))
+    bad = torch.randn(4, 8)
+    bad[1, 3] = float("nan")
+    st.update(bad)  # no host synchronization per batch: the check waits for finish()
+    with pytest.raises(QeraError, match="NaN/Inf.*down_proj"):
+        st.finish()
+    huge = ActivationStats(8, {"xtx"}, name="L")
+    huge.update(torch.full((4, 8), 1e30))
+    with pytest.raises(QeraError, match="overflow.*layer L"):
+        huge.autocorrelation()  # every reader settles the deferred check first
+    model = tiny_llama()
+    mods = find_targets(model)
+    name = next(n for n in mods if n.endswith("layers.0.self_attn.o_proj"))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[0, 0] = float("inf")
+    with pytest.raises(QeraError, match="NaN/Inf.*o_proj"):
+        with record_statistics({name: mods[name]}, {"xtx"}) as rec, torch.no_grad():
+            model(torch.randint(0, 256, (2, 16)))
+    assert not mods[name]._forward_pre_hooks  # hooks removed
+
+
+def test_tensor_core_path_meets_the_objective_bound_over_a_whole_flush(gpu_path):
+    """The float32 pending sum over FLUSH_ROWS rows keeps the qera-exact objective within 1e-6 of
+    float64 sums on adversarial bf16 inputs (outlier and nearly collinear channels)."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 2 * gpu_path.FLUSH_ROWS + 5000, 192
+    x = correlated_inputs(n, d, seed=5)
+    x[:, :3] *= 1000.0
+    x[:, 10:20] = x[:, 20:30] + 1e-3 * torch.randn(n, 10, generator=g)
+    W = torch.randn(96, d, generator=g) * 0.05
+    assert _objective_gap(x.to(torch.bfloat16), W) <= 1e-6

@@ -100,7 +100,7 @@ class Dist:
         """Sum every rank's float64 accumulators and counts in place; returns the bytes each rank sent."""
         sent = 0
         for key in sorted(stats.stats):
-            st = stats.stats[key]
+            st = stats.stats[key].finish()
             st.count = self.sum_int(st.count)
             for kind in sorted(st.kinds):
                 if kind not in st.sums:  # this rank's share never reached the layer (a rarely routed expert)

@@ -7,9 +7,8 @@ The step knows nothing about models or how statistics were gathered: it takes a 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +25,7 @@ from .report import LayerReport
 from .rounding import ROUNDING_NEEDS, ROUNDINGS
 from .statistics import ActivationStats, provided
 from .targets import linear_shape, linear_weight
+from .timing import Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,55 @@ FLOAT64_REPORT_FLOPS = 2e9
 
 
 @dataclass
+class PendingReport:
+    """A layer report whose numbers are still on the solve's device (0-d or 1-d tensors), with the
+    check that ``A`` and ``B`` are finite: :func:`settle_reports` turns many into floats at once."""
+
+    report: LayerReport
+    method: str
+    values: dict[str, torch.Tensor]
+    finite: torch.Tensor
+    clock: Stopwatch
+
+
+def settle_reports(pending: Sequence[PendingReport]) -> None:
+    """Fill the reports' numbers with one device→host transfer (one host synchronization on a GPU);
+    raises a :class:`QeraError` naming the first layer whose solve produced NaN/Inf."""
+    parts, index = [], []
+    for p in pending:
+        for key, t in [("__finite__", p.finite), *p.values.items()]:
+            flat = t.detach().reshape(-1).to(torch.float64)
+            index.append((p, key, flat.numel()))
+            parts.append(flat)
+    host = torch.cat([t.to(parts[0].device) for t in parts]).tolist() if parts else []
+    at = 0
+    for p, key, n in index:
+        vals, at = host[at:at + n], at + n
+        if key == "__finite__":
+            if not vals[0]:
+                raise QeraError(f"the {p.method} solve produced NaN/Inf{where(p.report.name)}")
+        elif key == "spectrum":
+            p.report.spectrum = vals
+        elif key == "dead_channels":
+            p.report.dead_channels = int(vals[0])
+        else:
+            setattr(p.report, key, vals[0])
+    for p in pending:
+        p.report.seconds = p.clock.seconds()
+
+
+@dataclass
 class LayerResult:
-    """One solved layer: ``W ≈ W̃ + B A`` with ``A: (rank, in)``, ``B: (out, rank)`` in float32."""
+    """One solved layer: ``W ≈ W̃ + B A`` with ``A: (rank, in)``, ``B: (out, rank)`` in float32.
+
+    ``pending``: set when the solve was asked not to settle its report (see :func:`settle_reports`)."""
 
     name: str
     qweight: QuantizedWeight
     A: torch.Tensor
     B: torch.Tensor
     report: LayerReport
+    pending: PendingReport | None = None
 
 
 def _report_dtype(out_f: int, in_f: int) -> torch.dtype:
@@ -51,58 +92,59 @@ def _report_dtype(out_f: int, in_f: int) -> torch.dtype:
 ROW_CHUNK = 1024  # rows of D per step of the report (keeps its temporaries to a few chunks)
 
 
-def dead_channels(R: torch.Tensor) -> int:
-    """Input channels with ``R_ii = 0``: no calibration token reached them (a zero norm weight, unused
-    embedding rows); any reconstruction is blind there."""
-    return int((torch.diagonal(R) <= 0).sum())
+def dead_channels(R: torch.Tensor) -> torch.Tensor:
+    """Input channels with ``R_ii = 0`` (a 0-d tensor on ``R``'s device): no calibration token reached
+    them (a zero norm weight, unused embedding rows); any reconstruction is blind there."""
+    return (torch.diagonal(R) <= 0).sum()
 
 
-def spectrum_head(D: torch.Tensor, R: torch.Tensor, k: int) -> list[float]:
-    """The ``k`` largest eigenvalues of ``D R Dᵀ`` over its trace (float64): entry ``i`` is the share
-    of the output error the optimal rank-``i+1`` term removes beyond rank ``i``."""
-    vals = error_spectrum(D.to(R.dtype), None, R)
-    total = float(vals.sum())
-    return [float(v) / total for v in vals[:k]] if total > 0 else [0.0] * min(k, vals.numel())
+def spectrum_head(D: torch.Tensor, R: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` largest eigenvalues of ``D R Dᵀ`` over its trace (float64, on ``R``'s device): entry
+    ``i`` is the share of the output error the optimal rank-``i+1`` term removes beyond rank ``i``."""
+    vals = error_spectrum(D.to(R.dtype), None, R).to(torch.float64)
+    total, head = vals.sum(), vals[:k]
+    return torch.where(total > 0, head / total.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(head))
 
 
 def output_errors(
     D: torch.Tensor, A: torch.Tensor, B: torch.Tensor, R: torch.Tensor, rows: int = ROW_CHUNK
-) -> tuple[float, float]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(trace(D R Dᵀ), trace(E R Eᵀ))`` with ``E = D - B A``, one ``D R`` product, row chunk by row chunk.
 
     ``E R = D R - B (A R)`` costs only thin products beyond ``D R``. Computed in ``R``'s dtype
     (float64 for small layers, float32 products with float64 sums for large ones: relative
-    error ~1e-6).
+    error ~1e-6). Returns 0-d float64 tensors on ``D``'s device (no host synchronization).
     """
     dtype = R.dtype
     has_lr = A.numel() > 0
     Ac, Bc = A.to(D.device, dtype), B.to(D.device, dtype)
     AR = Ac @ R if has_lr else None
-    before = after = 0.0
+    before = after = torch.zeros((), dtype=torch.float64, device=D.device)
     for r in range(0, D.shape[0], rows):
         Dc = D[r:r + rows].to(dtype)
         DR = Dc @ R
-        before += float((DR * Dc).sum(dtype=torch.float64))
+        before = before + (DR * Dc).sum(dtype=torch.float64)
         if has_lr:
             Bc_r = Bc[r:r + rows]
             DR.sub_(Bc_r @ AR)
             Dc = Dc - Bc_r @ Ac
-            after += float((DR * Dc).sum(dtype=torch.float64))
+            after = after + (DR * Dc).sum(dtype=torch.float64)
     return before, (after if has_lr else before)
 
 
 def weight_errors(D0: torch.Tensor, D: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                  dtype: torch.dtype, rows: int = ROW_CHUNK) -> tuple[float, float]:
-    """``(‖D0‖², ‖D − B A‖²)`` in ``dtype`` with float64 sums; ``D0 = W − W̃₀``, ``D = W − W̃``."""
-    before = after = 0.0
+                  dtype: torch.dtype, rows: int = ROW_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(‖D0‖², ‖D − B A‖²)`` in ``dtype`` with float64 sums (0-d tensors on ``D``'s device);
+    ``D0 = W − W̃₀``, ``D = W − W̃``."""
+    before = after = torch.zeros((), dtype=torch.float64, device=D.device)
     Ac, Bc = A.to(D.device, dtype), B.to(D.device, dtype)
     for r in range(0, D.shape[0], rows):
         e0 = D0[r:r + rows].to(dtype)
-        before += float((e0 * e0).sum(dtype=torch.float64))
+        before = before + (e0 * e0).sum(dtype=torch.float64)
         e = D[r:r + rows].to(dtype)
         if A.numel():
             e = e - Bc[r:r + rows] @ Ac
-        after += float((e * e).sum(dtype=torch.float64))
+        after = after + (e * e).sum(dtype=torch.float64)
     return before, after
 
 
@@ -204,12 +246,16 @@ class LayerQuantizer:
     def __call__(
         self, name: str, module: nn.Module, stats: ActivationStats | None, output_error: bool = True,
         rank: int | None = None, q0: QuantizedWeight | None = None, out_metric: torch.Tensor | None = None,
+        settle: bool = True,
     ) -> LayerResult:
         """Solve one layer; ``rank`` and ``q0`` (its already rounded weight) come from :meth:`allocate`;
-        ``out_metric`` ((out,) or (out, out)) weighs the output channels in the objective (``output_weight``)."""
+        ``out_metric`` ((out,) or (out, out)) weighs the output channels in the objective (``output_weight``).
+
+        ``settle=False`` leaves the report's numbers and the finiteness check on the device
+        (``result.pending``) so that a GPU driver settles a whole block's with one synchronization."""
         W = linear_weight(module).detach()
         rank = self.rank_for(name) if rank is None else rank
-        t0 = time.perf_counter()
+        clock = Stopwatch(W.device)
         q0 = self.round(name, W, stats) if q0 is None else q0
         note = None
         if rank == 0:  # w-only, or a rank override of 0: quantization alone
@@ -223,41 +269,46 @@ class LayerQuantizer:
         else:
             self.method.check(W, rank, stats, name)
             rec = self.method.solve(W, q0, rank, stats, self.fmt, name, out_metric)
-        if not (torch.isfinite(rec.A).all() and torch.isfinite(rec.B).all()):
-            raise QeraError(f"the {self.config.method} solve produced NaN/Inf{where(name)}")
-        seconds = time.perf_counter() - t0
-        report = self._report(name, W, q0, rec, stats, output_error, seconds)
+        finite = torch.isfinite(rec.A).all() & torch.isfinite(rec.B).all()
+        clock.stop()
+        report, values = self._report(name, W, q0, rec, stats, output_error)
         report.note = note
-        return LayerResult(name, rec.qweight, rec.A, rec.B, report)
+        pending = PendingReport(report, self.config.method, values, finite, clock)
+        if settle:
+            settle_reports([pending])
+            pending = None
+        return LayerResult(name, rec.qweight, rec.A, rec.B, report, pending)
 
-    def _report(self, name, W, q0, rec: Reconstruction, stats, output_error: bool, seconds: float) -> LayerReport:
+    def _report(self, name, W, q0, rec: Reconstruction, stats,
+                output_error: bool) -> tuple[LayerReport, dict[str, torch.Tensor]]:
+        """The layer's report with its numbers still to be filled from the returned device tensors."""
         out_f, in_f = W.shape
         dtype = _report_dtype(out_f, in_f)
         D = W.to(torch.float32) - rec.w_q.to(W.device)
         # LoftQ replaces W̃: "before" is measured against the first W̃
         D0 = D if rec.qweight is q0 else W.to(torch.float32) - q0.dequantize(torch.float32).to(W.device)
-        we_before, we_after = weight_errors(D0, D, rec.A, rec.B, dtype)
-        oe_before = oe_after = dead = spectrum = None
+        values = dict(zip(("weight_error_before", "weight_error_after"), weight_errors(D0, D, rec.A, rec.B, dtype)))
         if output_error and stats is not None and "xtx" in stats.kinds and stats.count > 0:
             R = stats.autocorrelation(dtype).to(W.device)
             if D0 is D:
-                oe_before, oe_after = output_errors(D, rec.A, rec.B, R)
+                values["output_error_before"], values["output_error_after"] = output_errors(D, rec.A, rec.B, R)
             else:
-                oe_before, _ = output_errors(D0, rec.A[:0], rec.B[:, :0], R)
-                _, oe_after = output_errors(D, rec.A, rec.B, R)
-            dead = dead_channels(R)
+                values["output_error_before"], _ = output_errors(D0, rec.A[:0], rec.B[:, :0], R)
+                _, values["output_error_after"] = output_errors(D, rec.A, rec.B, R)
+            values["dead_channels"] = dead_channels(R)
             if self.config.report_spectrum:
-                spectrum = spectrum_head(D0, R, self.config.report_spectrum)
+                values["spectrum"] = spectrum_head(D0, R, self.config.report_spectrum)
             del R
         r = rec.rank
-        return LayerReport(
+        nan = float("nan")
+        report = LayerReport(
             name=name, shape=(out_f, in_f), format=str(self.fmt), rank=r,
             bits_weight=self.fmt.bits_per_weight,
             bits_total=self.fmt.bits_per_weight + self.lowrank_bits * r * (in_f + out_f) / (in_f * out_f),
-            weight_error_before=we_before, weight_error_after=we_after,
-            output_error_before=oe_before, output_error_after=oe_after, seconds=seconds,
-            tokens=stats.count if stats is not None else None, dead_channels=dead, spectrum=spectrum,
+            weight_error_before=nan, weight_error_after=nan, output_error_before=None, output_error_after=None,
+            seconds=nan, tokens=stats.count if stats is not None else None,
         )
+        return report, values
 
 
 class LayerSink(Protocol):

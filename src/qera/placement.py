@@ -16,7 +16,7 @@ class BlockNeeds:
     """What processing one block needs at its peak, in bytes.
 
     weights: one block's parameters in the compute dtype; statistics: float64 accumulators of its
-    distinct inputs; solve: R in float32 plus ~7 float32 copies of its largest layer (measured,
+    distinct inputs (plus the float32 pending Σxᵀx of bf16/fp16 inputs on a GPU); solve: R in float32 plus ~7 float32 copies of its largest layer (measured,
     bench/README.md); activations: the cached block inputs of every calibration batch; prefetch:
     the next block's weights, brought in while this one computes (0 without prefetching).
     """

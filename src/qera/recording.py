@@ -94,6 +94,8 @@ def record_statistics(
                 raise QeraError(f"statistics key {rep} is not among the recorded modules")
             handles.append(modules[rep].register_forward_pre_hook(recorder._hook(st), with_kwargs=True))
         yield recorder
+        for st in stats.stats.values():  # deferred GPU work and checks: one host synchronization per input
+            st.finish()
     finally:
         for h in handles:
             h.remove()

@@ -11,6 +11,12 @@ Per chunk of rows the sums are formed in float32 (one fused pass per diagonal st
 ``Σxᵀx``) and added into float64 accumulators, so streaming equals one-shot
 to float32 rounding of one chunk. Accumulators live on the device of the first
 batch: no host↔device copy per batch.
+
+On a GPU the recording runs without a host synchronization per batch: the NaN/Inf and overflow
+check keeps a running peak ``max |x|`` on the device and is settled by :meth:`ActivationStats.finish`
+(called once when :func:`qera.record_statistics` ends), and bf16/fp16 inputs (tensor cores)
+add their float32 ``Σxᵀx`` into a float32 pending sum that is folded into the float64 accumulator
+every :data:`FLUSH_ROWS` rows (a few float64 passes per block instead of one per chunk).
 """
 
 from __future__ import annotations
@@ -36,8 +42,26 @@ STAT_KINDS = ("abs", "sq", "xtx")
 # objective by 1e-6 relative, on real and on adversarial activations.
 STATS_PRECISIONS = ("mixed", "float64")
 CHUNK_ROWS = 4096  # rows per fp32 product before adding into the float64 accumulator
+# Tensor-core path: rows summed in float32 (within one GEMM and across calls) before a float64 fold.
+# tests/test_statistics.py checks the 1e-6 objective bound at this length too.
+FLUSH_ROWS = 65536
 XTX_BLOCK_ELEMS = 1 << 24  # entries of Σxᵀx formed per GEMM (64 MB in float32): bounds the temporaries
-MAX_ABS = float(torch.finfo(torch.float32).max / CHUNK_ROWS) ** 0.5  # larger |x| could overflow a chunk sum
+# larger |x| could overflow a float32 sum of x² over the longest run of rows summed in float32
+MAX_ABS = float(torch.finfo(torch.float32).max / max(CHUNK_ROWS, FLUSH_ROWS)) ** 0.5
+
+
+def _device_path(rows: torch.Tensor, precision: str) -> tuple[bool, bool]:
+    """``(defer, tensor_cores)`` for a batch: checks are deferred on a GPU (no host sync per batch);
+    bf16/fp16 rows on a GPU in ``mixed`` precision take the tensor-core float32 path."""
+    defer = rows.is_cuda
+    return defer, defer and precision == "mixed" and rows.dtype in (torch.bfloat16, torch.float16)
+
+
+def _gram_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``aᵀ b`` of bf16/fp16 matrices in float32: exact products, float32 accumulation (tensor cores on CUDA)."""
+    if a.is_cuda:
+        return torch.mm(a.T, b, out_dtype=torch.float32)
+    return a.to(torch.float32).T @ b.to(torch.float32)  # the same exact products (CPU tests of this path)
 
 
 def provided(kinds: Iterable[str]) -> frozenset[str]:
@@ -78,6 +102,9 @@ class ActivationStats:
     precision: str = "mixed"
 
     def __post_init__(self) -> None:
+        self._pending: torch.Tensor | None = None  # float32 Σxᵀx not yet folded into sums["xtx"]
+        self._pending_rows = 0
+        self._peak: torch.Tensor | None = None  # deferred check: running max |x| on the device
         self.kinds = _check_kinds(self.kinds)
         if self.precision not in STATS_PRECISIONS:
             raise QeraError(f"statistics precision must be one of {', '.join(STATS_PRECISIONS)}, got {self.precision!r}")
@@ -93,8 +120,9 @@ class ActivationStats:
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add rows of ``x`` (shape ``(..., dim)``); ``mask`` (shape ``x.shape[:-1]``) keeps True rows.
 
-        All or nothing: the rows are checked (NaN/Inf, magnitudes that would overflow the float32
-        chunk sums) before anything is added, so a rejected call leaves the sums unchanged.
+        On the CPU all or nothing: the rows are checked (NaN/Inf, magnitudes that would overflow the
+        float32 chunk sums) before anything is added, so a rejected call leaves the sums unchanged.
+        On a GPU the same check is deferred to :meth:`finish` (a bad batch fails the recording).
         """
         if x.shape[-1] != self.dim:
             raise QeraError(f"activation width {x.shape[-1]} != expected {self.dim}{where(self.name)}")
@@ -107,7 +135,22 @@ class ActivationStats:
             rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
         if rows.shape[0] == 0:
             return
-        peak = float(rows.abs().amax())  # NaN propagates through amax
+        defer, tensor_cores = _device_path(rows, self.precision)
+        peak = rows.abs().amax()  # NaN propagates through amax
+        if defer:
+            self._peak = peak if self._peak is None else torch.maximum(self._peak, peak)
+        else:
+            self._check_peak(float(peak))
+        for kind in self.kinds:
+            if kind not in self.sums:
+                self.sums[kind] = self._zeros(kind, rows.device)
+        if tensor_cores:
+            self._update_tensor_cores(rows)
+        else:
+            self._update_chunks(rows)
+        self.count += int(rows.shape[0])
+
+    def _check_peak(self, peak: float) -> None:
         if not math.isfinite(peak):
             raise QeraError(f"activation contains NaN/Inf{where(self.name)}")
         if peak > MAX_ABS:
@@ -115,34 +158,65 @@ class ActivationStats:
                 f"activation magnitude {peak:.3g} exceeds {MAX_ABS:.3g}, where float32 chunk sums of x² "
                 f"overflow{where(self.name)}"
             )
-        for kind in self.kinds:
-            if kind not in self.sums:
-                self.sums[kind] = self._zeros(kind, rows.device)
+
+    def _update_chunks(self, rows: torch.Tensor) -> None:
+        """Float32 (``mixed``) or float64 sums per chunk of :data:`CHUNK_ROWS` rows, added into float64."""
         exact = self.precision == "float64"
-        tensor_cores = not exact and rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16)
         cols = max(256, XTX_BLOCK_ELEMS // self.dim)
-        diagonal = bool(self.kinds & {"sq", "abs"})
         for chunk in rows.split(CHUNK_ROWS):
-            # the tensor-core GEMM reads the bf16/fp16 chunk itself: a float32 copy only when something else needs it
-            c = chunk.to(torch.float64 if exact else torch.float32) if diagonal or not tensor_cores else None
+            c = chunk.to(torch.float64 if exact else torch.float32)
             if "xtx" in self.kinds:
                 acc = self.sums["xtx"]
-                # row blocks: the float32 product and its float64 cast never exist for all of d×d
+                for j in range(0, self.dim, cols):  # row blocks: the d×d product never exists whole
+                    acc[j:j + cols].add_(c[:, j:j + cols].T @ c)
+            self._add_diagonal(c)
+
+    def _update_tensor_cores(self, rows: torch.Tensor) -> None:
+        """bf16/fp16 rows: Σxᵀx from the rows themselves (no float32 copy) into the float32 pending sum."""
+        cols = max(256, XTX_BLOCK_ELEMS // self.dim)
+        diagonal = bool(self.kinds & {"sq", "abs"})
+        start = 0
+        while start < rows.shape[0]:  # a float32 run never exceeds FLUSH_ROWS rows (MAX_ABS holds)
+            chunk = rows[start:start + FLUSH_ROWS - self._pending_rows]
+            start += chunk.shape[0]
+            if "xtx" in self.kinds:
+                if self._pending is None:
+                    self._pending = torch.zeros(self.dim, self.dim, dtype=torch.float32, device=rows.device)
                 for j in range(0, self.dim, cols):
-                    if tensor_cores:  # products of two bf16/fp16 values are exact in float32
-                        part = torch.mm(chunk[:, j:j + cols].T, chunk, out_dtype=torch.float32)
-                    else:
-                        part = c[:, j:j + cols].T @ c
-                    acc[j:j + cols].add_(part)
-                    del part
-            if "sq" in self.kinds:
-                self.sums["sq"].add_(torch.linalg.vector_norm(c, 2, dim=0).square())
-            if "abs" in self.kinds:
-                self.sums["abs"].add_(torch.linalg.vector_norm(c, 1, dim=0))
-        self.count += int(rows.shape[0])
+                    self._pending[j:j + cols].add_(_gram_fp32(chunk[:, j:j + cols], chunk))
+                self._pending_rows += chunk.shape[0]
+                if self._pending_rows >= FLUSH_ROWS:
+                    self._flush()
+            if diagonal:
+                for part in chunk.split(CHUNK_ROWS):
+                    self._add_diagonal(part.to(torch.float32))
+
+    def _add_diagonal(self, c: torch.Tensor) -> None:
+        if "sq" in self.kinds:
+            self.sums["sq"].add_(torch.linalg.vector_norm(c, 2, dim=0).square())
+        if "abs" in self.kinds:
+            self.sums["abs"].add_(torch.linalg.vector_norm(c, 1, dim=0))
+
+    def _flush(self) -> None:
+        """Fold the float32 pending Σxᵀx into the float64 accumulator."""
+        if self._pending is not None and self._pending_rows:
+            self.sums["xtx"].add_(self._pending)
+            self._pending.zero_()
+        self._pending_rows = 0
+
+    def finish(self) -> "ActivationStats":
+        """Settle deferred work: fold pending sums, free their buffer and run the deferred NaN/Inf and
+        overflow check (one host synchronization). Readers call it; it is cheap when nothing is pending."""
+        self._flush()
+        self._pending = None
+        if self._peak is not None:
+            peak, self._peak = self._peak, None
+            self._check_peak(float(peak))
+        return self
 
     def validate(self, source: str = "") -> "ActivationStats":
         """Check shapes, dtypes and finiteness of the sums (for statistics read from a file)."""
+        self.finish()
         what = f"{source}: " if source else ""
         if not isinstance(self.count, int) or self.count < 0:
             raise QeraError(f"{what}token count must be a non-negative integer, got {self.count!r}{where(self.name)}")
@@ -167,6 +241,8 @@ class ActivationStats:
 
     def merge(self, other: "ActivationStats") -> "ActivationStats":
         """Add another accumulator of the same width and kinds into this one (returns self)."""
+        self.finish()
+        other.finish()
         if other.dim != self.dim or other.kinds != self.kinds:
             raise QeraError(
                 f"cannot merge statistics of width {other.dim} / kinds {sorted(other.kinds)} into "
@@ -182,6 +258,7 @@ class ActivationStats:
 
     # -- accessors ------------------------------------------------------------------------------
     def _sum(self, kind: str) -> torch.Tensor:
+        self.finish()
         if kind not in self.kinds:
             raise QeraError(
                 f"statistic {kind!r} was not collected{where(self.name)} (have: {', '.join(sorted(self.kinds))})"
@@ -211,6 +288,7 @@ class ActivationStats:
         return symmetrize_(R)
 
     def to(self, device: torch.device | str) -> "ActivationStats":
+        self.finish()
         return ActivationStats(self.dim, self.kinds, self.name, self.count, {k: v.to(device) for k, v in self.sums.items()})
 
 
@@ -383,6 +461,7 @@ def save_stats(stats: Mapping[str, ActivationStats], path: str | os.PathLike, ex
     tensors: dict[str, torch.Tensor] = {}
     meta = {}
     for key, st in stats.items():
+        st.finish()
         meta[key] = {"dim": st.dim, "kinds": sorted(st.kinds), "count": st.count}
         for kind, value in st.sums.items():
             tensors[f"{key}::{kind}"] = value.detach().to("cpu").contiguous()

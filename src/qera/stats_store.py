@@ -45,6 +45,7 @@ class StatsFileWriter:
 
         tensors = {}
         for key, st in stats.stats.items():
+            st.finish()
             self.meta[key] = {"dim": st.dim, "kinds": sorted(st.kinds), "count": st.count}
             for kind, value in st.sums.items():
                 tensors[f"{key}::{kind}"] = value.detach().to("cpu").contiguous()

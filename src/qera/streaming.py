@@ -315,6 +315,27 @@ class Prefetch:
                     t.record_stream(main)
 
 
+class Background:
+    """``work()`` in a daemon thread; :meth:`join` waits for it and re-raises its exception."""
+
+    def __init__(self, name: str, work) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(work,), name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, work) -> None:
+        try:
+            work()
+        except BaseException as exc:  # re-raised in the caller's thread by join()
+            self.error = exc
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
 class Placer:
     """Where a block lives while it is processed (``onload``) and after (``offload``).
 
@@ -322,6 +343,10 @@ class Placer:
     block replaced are dropped too. ``prefetch(i + 1, ...)`` right after ``onload(i, ...)`` brings
     the next block in the background (CUDA; and shard reads for streaming), so one more block's
     weights are resident: :attr:`prefetches` says whether it does anything.
+
+    On CUDA the offload runs in the background too (:attr:`offloads_in_background`): a thread copies
+    the finished block home on a second side stream, after the compute stream's work on it, while
+    the next block computes; the next offload, :meth:`drain` and :meth:`close` wait for it.
     """
 
     drops = False
@@ -331,7 +356,13 @@ class Placer:
         self.overlap = overlap
         self._pending: Prefetch | None = None
         self._stream = None
+        self._offload_stream = None
+        self._offloading: Background | None = None
         self._homes: dict[int, dict[int, torch.Tensor]] = {}
+
+    @property
+    def offloads_in_background(self) -> bool:
+        return self.overlap and self.device.type == "cuda"
 
     @property
     def prefetches(self) -> bool:
@@ -383,20 +414,48 @@ class Placer:
         homes = self._homes.pop(index, {})
         if self.home is None or self.home == self.device:
             return
-        block.to(self.home)
-        for module in replaced:
+        for module in replaced:  # no copy: the original layers go back to their home tensors
             for p in module.parameters():
                 p.data = homes[id(p)] if id(p) in homes else p.data.to(self.home)
             module.to(self.home)  # buffers, if any
+        if not self.offloads_in_background:
+            block.to(self.home)
+            return
+        self.drain()  # the previous block's copy (it had a whole block's compute to finish)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))  # the block's last kernels on the compute stream
+        if self._offload_stream is None:
+            self._offload_stream = torch.cuda.Stream(self.device)
+        stream, home = self._offload_stream, self.home
+
+        def send_home() -> None:  # a pageable copy returns when done: the GPU tensors are then free to go
+            stream.wait_event(done)
+            with torch.cuda.stream(stream):
+                block.to(home)
+
+        self._offloading = Background(f"qera-offload-{index}", send_home)
+
+    def drain(self) -> None:
+        """Wait for a background offload; re-raises its error."""
+        job, self._offloading = self._offloading, None
+        if job is not None:
+            job.join()
 
     def close(self) -> None:
-        """After an error: wait for a prefetch still running and send its block home again."""
-        p, self._pending = self._pending, None
-        if p is not None:
-            p.thread.join()
-            if p.stream is not None:
-                p.stream.synchronize()
-            self.offload(p.index, p.block, p.prefix)
+        """Wait for background work and never raise (it runs while another error may be on its way:
+        call :meth:`drain` first on the normal path). After an error, a prefetch still running sends
+        its block home again."""
+        try:
+            self.drain()
+            p, self._pending = self._pending, None
+            if p is not None:
+                p.thread.join()
+                if p.stream is not None:
+                    p.stream.synchronize()
+                self.offload(p.index, p.block, p.prefix)
+                self.drain()
+        except Exception:
+            log.exception("sending blocks home failed while closing the placer")
 
     @staticmethod
     def _device_of(block: nn.Module) -> torch.device:

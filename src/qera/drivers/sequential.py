@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..calibration import model_device, runner_for
 from ..capture import activation_bytes, block_output_is_tuple, capture_block_inputs, capture_probe
 from ..errors import QeraError
+from ..layer import settle_reports
 from ..memory import trim_heap
 from ..placement import BlockNeeds, Plan, plan_placement
 from ..recording import probe_shared_inputs, record_statistics
@@ -125,6 +126,8 @@ def run_sequential(ctx: DriverContext) -> None:
                 _offload(ctx, placer, i, block, prefix, names)
             current = None
             bar.set_postfix(layers=len(ctx.report.layers))
+        with timer("offload"):
+            placer.drain()  # the last block's background copy home
     except BaseException:
         if current is not None:  # the caller restores the replaced layers; the block goes home first
             i, block, prefix = current
@@ -187,13 +190,18 @@ def _solve_block(ctx: DriverContext, mods: dict[str, nn.Module], stats, i: int, 
                 stats.release(n, set(names) - set(mine))
     finished: set[str] = set(n for n in names if n not in mine)
     results = {}
+    # on a GPU the layers are solved back to back: their reports (and NaN checks) settle once per block
+    defer = dist is None and bool(mine) and _on_gpu(mods[mine[0]])
+    pending = []
     for name in mine:
         result = q(name, mods[name], stats[name] if name in stats else None, ctx.output_error,
                    ranks.get(name), q0s.pop(name, None),
-                   out_metrics.pop(name, None) if out_metrics is not None else None)
+                   out_metrics.pop(name, None) if out_metrics is not None else None, settle=not defer)
         result.report.block = i
         finished.add(name)
         stats.release(name, finished)
+        if result.pending is not None:
+            pending.append(result.pending)
         if dist is None:
             ctx.replace(name, ctx.sink(name, mods[name], result))
             ctx.report.layers.append(result.report)
@@ -202,6 +210,7 @@ def _solve_block(ctx: DriverContext, mods: dict[str, nn.Module], stats, i: int, 
             results[name] = result
         if not _on_gpu(mods[name]):
             trim_heap()  # per-layer temporaries are tens of MB of host memory: give them back before the next layer
+    settle_reports(pending)  # a NaN solve raises here; the caller puts the block's fp layers back
     if dist is not None:
         from ..distributed import broadcast_result
 
@@ -272,7 +281,9 @@ def _plan(block: nn.Module, prefix: str, names: dict[str, nn.Module], probe, bat
     mods = _block_modules(block, prefix, names)
     groups = probe_shared_inputs(mods, lambda: probe_calls[0](block, probe_hidden)) if mods else {}
     widths = [linear_shape(mods[r])[1] for r in set(groups.values())]
-    stats = sum(8 * w * w if "xtx" in kinds else 8 * w * len(kinds) for w in widths)
+    # float64 accumulators; bf16/fp16 on a GPU add the float32 pending Σxᵀx of the tensor-core path
+    pending = 4 if device.type == "cuda" and probe_hidden.dtype in (torch.bfloat16, torch.float16) else 0
+    stats = sum((8 + pending) * w * w if "xtx" in kinds else 8 * w * len(kinds) for w in widths)
     solve = max((4 * i * i + 28 * o * i for o, i in (linear_shape(m) for m in mods.values())), default=0)
     weights = sum(p.numel() * p.element_size() for p in block.parameters())
     needs = BlockNeeds(weights, stats, solve, activation_bytes(batches, probe_hidden.shape[-1], probe_hidden.dtype),
@@ -343,6 +354,7 @@ def record_statistics_by_block(model: nn.Module, batches: list, targets: dict[st
                 _propagate(block, calls, cache)
             walk.placer.offload(i, block, prefix)
             trim_heap()
+        walk.placer.drain()
         writer.finish({"kinds": ",".join(sorted(kinds)), "precision": precision, **(extra or {})})
     except BaseException:
         writer.abort()
