@@ -150,3 +150,25 @@ def test_gpu_statistics_defer_checks_and_fold_pending_sums():
     st2.update(bad)
     with pytest.raises(QeraError, match="NaN/Inf.*layer L"):
         st2.finish()
+
+
+@pytest.mark.parametrize("fmt", ["int4:group=128", "int4:group=64:asym", "mxint4"])
+def test_fused_int4_kernel_on_gpu_matches_dequantizing(fmt):
+    """PyTorch's CUDA int4 GEMM (tile layout of the GPU, bf16) computes the layer qera decodes."""
+    from qera import QERALinear
+    from qera.methods import Reconstruction
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(256, 512, generator=g) * 0.05
+    qw = quantize_weight(W, fmt)
+    A, B = torch.randn(8, 512, generator=g) * 0.1, torch.randn(256, 8, generator=g) * 0.1
+    rec = Reconstruction(A, B, qw.dequantize(torch.float32), qw)
+    layer = QERALinear.from_linear(torch.nn.Linear(512, 256).cuda(), rec, torch.bfloat16, cache_weight=False)
+    x = torch.randn(2, 7, 512, generator=g).to(torch.bfloat16).cuda()
+    ref = (x.double() @ (qw.dequantize(torch.float32).double() + B.double() @ A.double()).cuda().T
+           + layer.bias.double())
+    dense = layer(x).double()
+    assert layer.use_kernel(torch.bfloat16) is None
+    fused = layer(x).double()
+    rel = lambda a: float((a - ref).norm() / ref.norm())  # noqa: E731
+    assert rel(fused) < max(1.25 * rel(dense), 1e-2)

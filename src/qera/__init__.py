@@ -17,6 +17,7 @@ from .targets import find_targets  # noqa: E402
 from .calibration import collect_statistics  # noqa: E402
 from .recording import record_statistics  # noqa: E402
 from .modules import QERALinear  # noqa: E402
+from .kernels import prepare_inference  # noqa: E402
 from .config import QuantConfig  # noqa: E402
 from .report import LayerReport, QuantReport  # noqa: E402
 from .layer import LayerQuantizer, LayerResult  # noqa: E402
@@ -55,6 +56,7 @@ __all__ = [
     "record_statistics",
     "find_targets",
     "QERALinear",
+    "prepare_inference",
     "QuantConfig",
     "QuantReport",
     "LayerReport",

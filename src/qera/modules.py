@@ -6,6 +6,8 @@ By default the dense ``W̃ + B A`` is cached (per dtype/device): inference then 
 GEMM, like the original layer, for the memory of one dense weight. ``merge_lowrank=False`` caches
 ``W̃`` alone and applies the low-rank term as two thin GEMMs; ``cache_weight=False`` keeps only
 the packed weight and dequantizes in every forward (the QPEFT base, where memory matters).
+:meth:`QERALinear.use_kernel` (or :func:`qera.kernels.prepare_inference` for a whole model) runs
+4-bit weights through a fused dequantize-matmul instead: no dense weight at all, for inference.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import fake_quantize_activations
+from .errors import QeraError
 from .formats import QuantizedWeight, WeightFormat, parse_format
 from .methods import Reconstruction
 from .targets import linear_weight
@@ -55,6 +58,7 @@ class QERALinear(nn.Module):
         # W4A8: the quantized GEMM's input is fake-quantized in this format; the low-rank branch is not
         self.act_format: WeightFormat | None = parse_format(act_format) if act_format else None
         self._w_cache: torch.Tensor | None = None
+        self._kernel = None  # qera.kernels.Int4Kernel once use_kernel() switched this layer to it
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -111,8 +115,14 @@ class QERALinear(nn.Module):
     def rank(self) -> int:
         return self.A.shape[0]
 
+    def _not_prepared(self, what: str) -> None:
+        if self._kernel is not None:
+            raise QeraError(f"cannot {what}: this layer was prepared for the fused int4 kernel, which keeps its codes "
+                            "in the kernel's own layout; load the checkpoint again to save, move or export it")
+
     @property
     def packed_weight(self) -> QuantizedWeight:
+        self._not_prepared("read the packed weight")
         tensors = {k: getattr(self, QPREFIX + k) for k in self._qkeys}
         return QuantizedWeight(self.fmt, (self.out_features, self.in_features), self.weight_dtype, tensors)
 
@@ -125,6 +135,9 @@ class QERALinear(nn.Module):
         return self.dequantized_weight() + (self.B.float() @ self.A.float()).to(self.weight_dtype)
 
     def storage_bits(self) -> dict[str, int]:
+        if self._kernel is not None:
+            lr = self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
+            return {"weight": 8 * self._kernel.nbytes(), "lowrank": 8 * lr}
         q = sum(getattr(self, QPREFIX + k).numel() * getattr(self, QPREFIX + k).element_size() for k in self._qkeys)
         lr = self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
         return {"weight": 8 * q, "lowrank": 8 * lr}
@@ -146,8 +159,37 @@ class QERALinear(nn.Module):
             self._w_cache = w
         return w
 
+    def use_kernel(self, dtype: torch.dtype, slow_ok: bool = False) -> str | None:
+        """Run this layer through the fused int4 kernel for ``dtype`` inputs on its current device
+        (``slow_ok``: see :func:`qera.kernels.unsupported`).
+
+        Returns None when switched, else why it cannot be (it then keeps its current mode). Once
+        switched, the packed codes live only in the kernel's layout: the layer computes
+        ``kernel(x) + (x Aᵀ) Bᵀ + b`` and can no longer be saved or moved (inference only).
+        """
+        from .kernels import Int4Kernel, unsupported
+
+        if self._kernel is not None:
+            return None if self._kernel.dtype == dtype else f"already prepared for {self._kernel.dtype}"
+        qw = self.packed_weight
+        reason = unsupported(qw, self.A.device, dtype, slow_ok)
+        if reason:
+            return reason
+        self._kernel = Int4Kernel(qw, self.A.device, dtype)
+        for k in self._qkeys:  # the kernel holds the codes now
+            del self._buffers[QPREFIX + k]
+        self._w_cache = None
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = x if self.act_format is None else fake_quantize_activations(x, self.act_format)
+        if self._kernel is not None:
+            y = self._kernel(xq)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+            if self.rank:
+                y = y + F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
+            return y
         y = F.linear(xq, self._w(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.rank and not self._merged:
             y = y + F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
@@ -156,6 +198,11 @@ class QERALinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # Moving the module moves the packed buffers but never changes their dtype (scales are
         # stored in fp16 and exponents in uint8 by definition of the format).
+        if self._kernel is not None:  # the kernel's layout is tied to its device
+            probe = fn(torch.empty(0, device=self.A.device))
+            if probe.device != self.A.device:
+                self._not_prepared(f"move it to {probe.device}")
+            return super()._apply(fn, recurse)
         saved = {k: getattr(self, QPREFIX + k) for k in self._qkeys}
         super()._apply(fn, recurse)
         for k, old in saved.items():
@@ -165,9 +212,14 @@ class QERALinear(nn.Module):
         self._w_cache = None
         return self
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._not_prepared("save it")
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}, "
             f"rank={self.rank}, bias={self.bias is not None}"
             + (f", act_format={self.act_format}" if self.act_format is not None else "")
+            + (", int4 kernel" if self._kernel is not None else "")
         )
