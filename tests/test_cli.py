@@ -188,3 +188,21 @@ def test_quantize_with_gptq_rounding(tmp_path, capsys, model_dir, text_file):
     code, out, err = run(capsys, "quantize", model_dir, "--rounding", "gptq", "--gptq-damp", "2",
                          "--calib-text", text_file, "--out", tmp_path / "bad", "--no-progress")
     assert code != 0 and "gptq_damp" in err and "(0, 1]" in err
+
+
+def test_eval_with_the_fused_int4_kernel(tmp_path, capsys, model_dir, text_file):
+    ppl = {}
+    for fmt in ("mxint4", "mxint3"):
+        code, out, err = run(capsys, "quantize", model_dir, "--format", fmt, "--method", "zeroquant-v2", "--rank", 4,
+                             "--out", tmp_path / fmt, "--json", "--no-progress")
+        assert code == 0, err
+    for fused in (False, True):
+        code, out, err = run(capsys, "eval", tmp_path / "mxint4", "--eval-text", text_file, "--seq-len", 64,
+                             "--max-windows", 2, "--json", "--no-progress", *(["--fused-int4"] if fused else []))
+        assert code == 0, err
+        ppl[fused] = json.loads(out)["perplexity"]
+    assert "fused int4 kernel on 14 of 14" in err
+    assert ppl[True] == pytest.approx(ppl[False], rel=2e-2)  # the same model in bf16
+    code, out, err = run(capsys, "eval", tmp_path / "mxint3", "--eval-text", text_file, "--seq-len", 64,
+                         "--max-windows", 2, "--no-progress", "--fused-int4")
+    assert code != 0 and "no layer can use the kernel" in err and "mxint3" in err

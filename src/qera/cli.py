@@ -328,6 +328,10 @@ def cmd_quantize(args) -> int:
 
 def cmd_eval(args) -> int:
     model, tok = _load(args, {"logits of one chunk": _logit_bytes(args)})
+    if args.device:
+        model.to(args.device)
+    if args.fused_int4:
+        _use_fused_int4(model)
     harness = _harness(args, model, tok) if args.tasks else None
     r = _eval(args, model, tok)
     line = f"perplexity {r.perplexity:.4f} over {r.windows} windows x {r.seq_len} tokens ({r.tokens_per_second:.0f} tok/s)"
@@ -337,6 +341,23 @@ def cmd_eval(args) -> int:
         line = harness["table"] + "\n" + harness["check_line"] + f"qera {line}"
     _emit(args, payload, line)
     return 0
+
+
+def _use_fused_int4(model) -> None:
+    """bf16 model, 4-bit layers through the fused int4 kernel (``qera.prepare_inference``); says how many."""
+    import torch
+
+    from .kernels import prepare_inference
+
+    used = prepare_inference(model.to(torch.bfloat16), torch.bfloat16)
+    fused = [n for n, v in used.items() if v == "int4 kernel"]
+    if not used:
+        raise QeraError("--fused-int4: the model has no quantized layers (pass a qera checkpoint)")
+    if not fused:
+        raise QeraError(f"--fused-int4: no layer can use the kernel: {next(iter(used.values()))}")
+    log.warning("fused int4 kernel on %d of %d quantized layers (bf16)%s", len(fused), len(used),
+                "" if len(fused) == len(used) else f"; e.g. {next(n for n in used if n not in fused)}: "
+                f"{next(v for v in used.values() if v != 'int4 kernel')}")
 
 
 def _harness(args, model, tok) -> dict:
@@ -694,6 +715,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", default=None, help="memory budget, e.g. 8GiB: refuse up front what cannot fit")
     p.add_argument("--dataset", choices=["builtin", "wikitext2"], default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="evaluate on this device (default: where the model loads, the CPU)")
+    p.add_argument("--fused-int4", action="store_true",
+                   help="serve the 4-bit layers (int4:group=G, mxint4) through the fused int4 kernel, in bf16")
     g = p.add_argument_group("lm-eval-harness (pip install 'qera[eval]')")
     g.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. qera_text,arc_easy,piqa; qera_text is the "
                                    "evaluation text as documents (rolling log-likelihood, no hub needed)")
