@@ -137,7 +137,7 @@ def test_gpu_statistics_defer_checks_and_fold_pending_sums():
     from qera import QeraError
 
     x = correlated_inputs(5000, 64, seed=2).to(torch.bfloat16)
-    st = ActivationStats(64, {"xtx", "sq"}, name="L")
+    st = ActivationStats(64, {"xtx", "sq"}, name="L", pending=True)
     for part in x.cuda().split(1000):
         st.update(part)
     assert st._pending is not None and st._pending_rows == 5000

@@ -92,3 +92,12 @@ def test_prepare_inference_on_a_model():
     assert set(used.values()) == {"int4 kernel"} and len(used) == 14
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_prepared_layer_reads_as_having_no_dense_weight():
+    layer = _layer("mxint4")
+    layer.use_kernel(torch.bfloat16)
+    assert getattr(layer, "weight", None) is None  # PEFT and HF utilities probe .weight this way
+    with pytest.raises(QeraError, match="load the checkpoint again"):
+        layer.use_kernel(torch.float32, slow_ok=True)
+    assert layer.use_kernel(torch.bfloat16) is None  # already prepared for it

@@ -85,13 +85,14 @@ def test_bad_inputs_named():
         load_stats("/nonexistent/stats.safetensors")
 
 
-def _objective_gap(x_bf16: torch.Tensor, W: torch.Tensor, rank: int = 16) -> float:
+def _objective_gap(x_bf16: torch.Tensor, W: torch.Tensor, rank: int = 16, pending: bool = False) -> float:
     """Relative gap in the qera-exact objective (evaluated with the float64 R) between the two precisions."""
     from qera import quantize_weight, reconstruct
     from qera.linalg import lowrank_objective
 
     d = x_bf16.shape[1]
-    mixed, exact = ActivationStats(d, {"xtx"}, precision="mixed"), ActivationStats(d, {"xtx"}, precision="float64")
+    mixed = ActivationStats(d, {"xtx"}, precision="mixed", pending=pending)
+    exact = ActivationStats(d, {"xtx"}, precision="float64")
     mixed.update(x_bf16)
     exact.update(x_bf16)
     R64 = exact.autocorrelation()
@@ -133,7 +134,7 @@ def gpu_path(monkeypatch):
 def test_pending_float32_sums_fold_every_flush_rows(gpu_path, monkeypatch):
     monkeypatch.setattr(gpu_path, "FLUSH_ROWS", 1000)
     x = correlated_inputs(5300, 48, seed=3).to(torch.bfloat16)
-    st, ref = ActivationStats(48, ALL), x.double()
+    st, ref = ActivationStats(48, ALL, pending=True), x.double()
     seen = []
     for part in x.split(700):  # calls that straddle the folds
         st.update(part)
@@ -145,6 +146,11 @@ def test_pending_float32_sums_fold_every_flush_rows(gpu_path, monkeypatch):
     R = st.autocorrelation()
     assert st._pending is None and st._pending_rows == 0
     torch.testing.assert_close(R, ref.T @ ref / 5300, rtol=1e-6, atol=1e-6)
+    direct = ActivationStats(48, ALL)  # one-shot recording: no pending buffer, float64 adds per chunk
+    for part in x.split(700):
+        direct.update(part)
+        assert direct._pending is None
+    torch.testing.assert_close(direct.autocorrelation(), R, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(st.mean_sq(), (ref * ref).mean(0), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(st.mean_abs(), ref.abs().mean(0), rtol=1e-6, atol=1e-6)
 
@@ -185,4 +191,5 @@ def test_tensor_core_path_meets_the_objective_bound_over_a_whole_flush(gpu_path)
     x[:, :3] *= 1000.0
     x[:, 10:20] = x[:, 20:30] + 1e-3 * torch.randn(n, 10, generator=g)
     W = torch.randn(96, d, generator=g) * 0.05
-    assert _objective_gap(x.to(torch.bfloat16), W) <= 1e-6
+    for pending in (True, False):
+        assert _objective_gap(x.to(torch.bfloat16), W, pending=pending) <= 1e-6

@@ -6,9 +6,13 @@ computes ``y = x Wᵀ`` with ``W = (q − 8)·s + z``, ``q ∈ [0, 16)`` and one
 ``G ∈ {32, 64, 128, 256}`` input columns, reading the 4-bit codes straight from memory: the dense
 weight never exists. qera's 4-bit formats map onto it (:data:`INT4_MAPS`):
 
-- ``int4`` (symmetric, group G): ``value = s·(code − 7)`` → ``q = code + 1``, ``z = 0`` (exact);
+- ``int4`` (symmetric, group G): ``value = s·(code − 7)`` → ``q = code + 1``, ``z = 0``;
 - ``int4:asym``: ``value = min + s·code`` → ``q = code``, ``z = min + 8·s``;
-- ``mxint4`` (block 32): ``value = ±k·2^e`` → ``q = 8 ± k``, ``s = 2^e``, ``z = 0`` (exact).
+- ``mxint4`` (block 32): ``value = ±k·2^e`` → ``q = 8 ± k``, ``s = 2^e``, ``z = 0``.
+
+The operands are exact for symmetric int4 and mxint4 (:class:`Int4Operands`); the kernel takes
+``(s, z)`` in the input dtype, so in bf16 only mxint4's power-of-two scales stay exact (int4's
+fp16 scales round to bf16's 8-bit mantissa, as they do when such a model dequantizes to bf16).
 
 The kernel's layout depends on the device, so a layer is prepared where it will run
 (:func:`prepare_inference`), and the prepared layer keeps only the kernel's copy of its codes.
@@ -22,6 +26,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from ._registry import Registry
 from .errors import QeraError
@@ -119,6 +124,8 @@ def unsupported(qw: QuantizedWeight, device: torch.device, dtype: torch.dtype, s
     if reason:
         return reason
     out_f, in_f = qw.shape
+    if TorchVersion(torch.__version__) < (2, 5):  # older versions take another code layout
+        return f"the int4 kernels need torch >= 2.5, this is {torch.__version__}"
     if device.type == "cuda":
         if dtype != torch.bfloat16:
             return f"the CUDA int4 kernel takes bfloat16 inputs, not {dtype}"

@@ -131,7 +131,12 @@ class QERALinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """``W̃ + B A`` as a dense tensor (for analysis and for code that reads ``.weight``)."""
+        """``W̃ + B A`` as a dense tensor (for analysis and for code that reads ``.weight``).
+
+        A layer prepared for the fused kernel has no dense weight: ``AttributeError``, so that
+        ``getattr(layer, "weight", None)`` (PEFT, HF utilities) reads None."""
+        if self._kernel is not None:
+            raise AttributeError("weight")
         return self.dequantized_weight() + (self.B.float() @ self.A.float()).to(self.weight_dtype)
 
     def storage_bits(self) -> dict[str, int]:
@@ -170,7 +175,10 @@ class QERALinear(nn.Module):
         from .kernels import Int4Kernel, unsupported
 
         if self._kernel is not None:
-            return None if self._kernel.dtype == dtype else f"already prepared for {self._kernel.dtype}"
+            if self._kernel.dtype != dtype:
+                raise QeraError(f"this layer was prepared for the fused kernel with {self._kernel.dtype} inputs; "
+                                f"load the checkpoint again to prepare it for {dtype}")
+            return None
         qw = self.packed_weight
         reason = unsupported(qw, self.A.device, dtype, slow_ok)
         if reason:

@@ -16,9 +16,11 @@ class BlockNeeds:
     """What processing one block needs at its peak, in bytes.
 
     weights: one block's parameters in the compute dtype; statistics: float64 accumulators of its
-    distinct inputs (plus the float32 pending Σxᵀx of bf16/fp16 inputs on a GPU); solve: R in float32 plus ~7 float32 copies of its largest layer (measured,
-    bench/README.md); activations: the cached block inputs of every calibration batch; prefetch:
-    the next block's weights, brought in while this one computes (0 without prefetching).
+    distinct inputs (plus the float32 pending Σxᵀx of bf16/fp16 inputs on a GPU); solve: R in
+    float32 plus ~7 float32 copies of its largest layer (measured, bench/README.md); activations:
+    the cached block inputs of every calibration batch; prefetch: blocks resident beside this one
+    (the next, brought in while this one computes, and on a GPU the previous, on its way home;
+    0 without prefetching).
     """
 
     weights: int
@@ -46,7 +48,7 @@ class Plan:
                  "disk": "on disk (--offload-dir)"}[self.activations]
         budget = (f"; GPU budget {format_size(self.gpu_budget)}" if self.gpu_budget is not None else "") + \
                  (f"; host budget {format_size(self.host_budget)}" if self.host_budget is not None else "")
-        ahead = f" + next block {format_size(n.prefetch)}" if n.prefetch else ""
+        ahead = f" + blocks in flight {format_size(n.prefetch)}" if n.prefetch else ""
         return (f"plan: one block at a time on {self.device} (weights {format_size(n.weights)}{ahead} + statistics "
                 f"{format_size(n.statistics)} + solve ≤ {format_size(n.solve)}); activations "
                 f"{format_size(n.activations)} {where}{budget}")

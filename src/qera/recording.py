@@ -69,6 +69,7 @@ def record_statistics(
     groups: Mapping[str, str] | None = None,
     stats: CalibrationStats | None = None,
     precision: str = "mixed",
+    pending: bool = False,
 ) -> Iterator[StatisticsRecorder]:
     """Accumulate ``kinds`` of the inputs of ``modules`` while the block runs; hooks off in ``finally``.
 
@@ -77,12 +78,14 @@ def record_statistics(
         groups: name → representative name (layers sharing an input; default: none shared).
         stats: accumulators to add into (default: new, zeroed ones).
         precision: ``mixed`` or ``float64`` chunk sums (see :data:`qera.statistics.STATS_PRECISIONS`).
+        pending: new accumulators keep a float32 pending ``Σxᵀx`` on the tensor-core path
+            (:attr:`qera.statistics.ActivationStats.pending`; fewer float64 passes, 4·d² bytes more each).
     """
     groups = dict(groups) if groups is not None else {n: n for n in modules}
     if stats is None:
         kinds = frozenset(kinds)
         stats = CalibrationStats(
-            {rep: ActivationStats(linear_shape(modules[rep])[1], kinds, name=rep, precision=precision)
+            {rep: ActivationStats(linear_shape(modules[rep])[1], kinds, name=rep, precision=precision, pending=pending)
              for rep in dict.fromkeys(groups.values())},
             groups,
         )

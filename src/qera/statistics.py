@@ -100,6 +100,10 @@ class ActivationStats:
     count: int = 0
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     precision: str = "mixed"
+    # tensor-core path only: keep a float32 pending Σxᵀx (4·dim² bytes more) and fold it into the
+    # float64 sums every FLUSH_ROWS rows, instead of once per CHUNK_ROWS chunk (the sequential
+    # driver turns it on: one block's inputs at a time; one-shot recording keeps every input's sums)
+    pending: bool = False
 
     def __post_init__(self) -> None:
         self._pending: torch.Tensor | None = None  # float32 Σxᵀx not yet folded into sums["xtx"]
@@ -172,14 +176,16 @@ class ActivationStats:
             self._add_diagonal(c)
 
     def _update_tensor_cores(self, rows: torch.Tensor) -> None:
-        """bf16/fp16 rows: Σxᵀx from the rows themselves (no float32 copy) into the float32 pending sum."""
+        """bf16/fp16 rows: Σxᵀx from the rows themselves (no float32 copy), into the float32 pending
+        sum (``pending``) or straight into float64 per chunk of :data:`CHUNK_ROWS` rows."""
         cols = max(256, XTX_BLOCK_ELEMS // self.dim)
         diagonal = bool(self.kinds & {"sq", "abs"})
+        run = FLUSH_ROWS if self.pending else CHUNK_ROWS
         start = 0
         while start < rows.shape[0]:  # a float32 run never exceeds FLUSH_ROWS rows (MAX_ABS holds)
-            chunk = rows[start:start + FLUSH_ROWS - self._pending_rows]
+            chunk = rows[start:start + run - self._pending_rows]
             start += chunk.shape[0]
-            if "xtx" in self.kinds:
+            if "xtx" in self.kinds and self.pending:
                 if self._pending is None:
                     self._pending = torch.zeros(self.dim, self.dim, dtype=torch.float32, device=rows.device)
                 for j in range(0, self.dim, cols):
@@ -187,6 +193,10 @@ class ActivationStats:
                 self._pending_rows += chunk.shape[0]
                 if self._pending_rows >= FLUSH_ROWS:
                     self._flush()
+            elif "xtx" in self.kinds:
+                acc = self.sums["xtx"]
+                for j in range(0, self.dim, cols):
+                    acc[j:j + cols].add_(_gram_fp32(chunk[:, j:j + cols], chunk))
             if diagonal:
                 for part in chunk.split(CHUNK_ROWS):
                     self._add_diagonal(part.to(torch.float32))
@@ -289,7 +299,8 @@ class ActivationStats:
 
     def to(self, device: torch.device | str) -> "ActivationStats":
         self.finish()
-        return ActivationStats(self.dim, self.kinds, self.name, self.count, {k: v.to(device) for k, v in self.sums.items()})
+        return ActivationStats(self.dim, self.kinds, self.name, self.count, {k: v.to(device) for k, v in self.sums.items()},
+                               self.precision, self.pending)
 
 
 class LazyStats(MutableMapping):

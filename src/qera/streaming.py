@@ -362,7 +362,9 @@ class Placer:
 
     @property
     def offloads_in_background(self) -> bool:
-        return self.overlap and self.device.type == "cuda"
+        """CUDA device, CPU home: the copy home is a pageable device→host copy, which returns only
+        when done, so the thread may drop the GPU tensors right after it (not so for a GPU home)."""
+        return self.overlap and self.device.type == "cuda" and self.home is not None and self.home.type == "cpu"
 
     @property
     def prefetches(self) -> bool:
@@ -421,7 +423,12 @@ class Placer:
         if not self.offloads_in_background:
             block.to(self.home)
             return
-        self.drain()  # the previous block's copy (it had a whole block's compute to finish)
+        try:
+            self.drain()  # the previous block's copy (it had a whole block's compute to finish)
+        finally:  # this block goes home even when the previous copy failed
+            self._send_home_in_background(index, block)
+
+    def _send_home_in_background(self, index: int, block: nn.Module) -> None:
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))  # the block's last kernels on the compute stream
         if self._offload_stream is None:
@@ -436,10 +443,16 @@ class Placer:
         self._offloading = Background(f"qera-offload-{index}", send_home)
 
     def drain(self) -> None:
-        """Wait for a background offload; re-raises its error."""
-        job, self._offloading = self._offloading, None
-        if job is not None:
+        """Wait for a background offload; re-raises its error. An interrupted wait keeps the job, so
+        :meth:`close` still waits for it."""
+        job = self._offloading
+        if job is None:
+            return
+        try:
             job.join()
+        finally:
+            if not job.thread.is_alive():
+                self._offloading = None
 
     def close(self) -> None:
         """Wait for background work and never raise (it runs while another error may be on its way:

@@ -131,7 +131,10 @@ def run_sequential(ctx: DriverContext) -> None:
     except BaseException:
         if current is not None:  # the caller restores the replaced layers; the block goes home first
             i, block, prefix = current
-            _offload(ctx, placer, i, block, prefix, by_block.get(i, {}))
+            try:
+                _offload(ctx, placer, i, block, prefix, by_block.get(i, {}))
+            except Exception:  # never hide the error that brought us here
+                log.exception("sending block %d home after an error failed", i)
         raise
     finally:
         placer.close()
@@ -155,7 +158,7 @@ def _record(block: nn.Module, mods: dict[str, nn.Module], calls, cache, captured
     outputs replace the inputs (``propagate="fp"``: no second forward). Returns the statistics."""
     probe_call = captured.probe_calls[i]
     groups = probe_shared_inputs(mods, lambda: probe_call(block, captured.probe_hidden))
-    with record_statistics(mods, kinds, groups, precision=precision) as rec, torch.no_grad():
+    with record_statistics(mods, kinds, groups, precision=precision, pending=True) as rec, torch.no_grad():
         for b, call in enumerate(calls):
             rec.mask = captured.masks[b]
             out = call(block, cache.get(b))
@@ -286,8 +289,11 @@ def _plan(block: nn.Module, prefix: str, names: dict[str, nn.Module], probe, bat
     stats = sum((8 + pending) * w * w if "xtx" in kinds else 8 * w * len(kinds) for w in widths)
     solve = max((4 * i * i + 28 * o * i for o, i in (linear_shape(m) for m in mods.values())), default=0)
     weights = sum(p.numel() * p.element_size() for p in block.parameters())
+    # with prefetch on a GPU the previous block may still be on its way home: its quantized layers are
+    # bounded by the block's own size, so count one more block (the next one and the previous one)
+    ahead = (2 if device.type == "cuda" else 1) * weights if prefetch else 0
     needs = BlockNeeds(weights, stats, solve, activation_bytes(batches, probe_hidden.shape[-1], probe_hidden.dtype),
-                       weights if prefetch else 0)
+                       ahead)
     gpu_budget = gpu_memory
     if device.type == "cuda" and gpu_budget is None:
         free, _ = torch.cuda.mem_get_info(device)
