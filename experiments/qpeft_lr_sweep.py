@@ -49,8 +49,10 @@ class Run:
 
 def plan(settings: list[tuple[str, int]], inits: list[str], lrs: list[float], seeds: list[int],
          lora16: bool) -> list[Run]:
-    """Every run of the sweep; the 16-bit LoRA reference once per lr and seed at the first rank."""
-    runs = [Run(f, r, i, lr, s) for f, r in settings for i in inits for lr in lrs for s in seeds]
+    """Every run of the sweep, in the order they run: per setting, lr by lr in the given order (so an
+    interrupted sweep has compared every init at its first lrs), then seeds; the 16-bit LoRA
+    reference once per lr and seed at the first rank."""
+    runs = [Run(f, r, i, lr, s) for f, r in settings for s in seeds for lr in lrs for i in inits]
     if lora16:
         runs += [Run("none", settings[0][1], "lora", lr, s) for lr in lrs for s in seeds]
     return runs
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/stsb_lr")
     ap.add_argument("--settings", default="mxint3:8,mxint2:block=16:64", help="FORMAT:RANK,... (rank after the last colon)")
     ap.add_argument("--inits", default="qlora,loftq,qera-approx,qera-exact")
-    ap.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3")
+    ap.add_argument("--lrs", default="1e-3,3e-4,3e-3,1e-4", help="learning rates, in the order they run")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--batch-size", type=int, default=16)
