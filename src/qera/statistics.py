@@ -64,6 +64,14 @@ def _gram_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.to(torch.float32).T @ b.to(torch.float32)  # the same exact products (CPU tests of this path)
 
 
+def _add_gram_(acc: torch.Tensor, c: torch.Tensor, gram=lambda a, b: a.T @ b) -> None:
+    """``acc += cᵀc`` (``c``: (rows, d)), a block of rows of the product at a time, so the d×d product
+    never exists whole; ``gram(a, b)`` forms ``aᵀb``."""
+    cols = max(256, XTX_BLOCK_ELEMS // c.shape[1])
+    for j in range(0, c.shape[1], cols):
+        acc[j:j + cols].add_(gram(c[:, j:j + cols], c))
+
+
 def provided(kinds: Iterable[str]) -> frozenset[str]:
     """What statistics of ``kinds`` can serve: ``xtx`` also gives ``sq`` (its diagonal)."""
     kinds = frozenset(kinds)
@@ -166,19 +174,15 @@ class ActivationStats:
     def _update_chunks(self, rows: torch.Tensor) -> None:
         """Float32 (``mixed``) or float64 sums per chunk of :data:`CHUNK_ROWS` rows, added into float64."""
         exact = self.precision == "float64"
-        cols = max(256, XTX_BLOCK_ELEMS // self.dim)
         for chunk in rows.split(CHUNK_ROWS):
             c = chunk.to(torch.float64 if exact else torch.float32)
             if "xtx" in self.kinds:
-                acc = self.sums["xtx"]
-                for j in range(0, self.dim, cols):  # row blocks: the d×d product never exists whole
-                    acc[j:j + cols].add_(c[:, j:j + cols].T @ c)
+                _add_gram_(self.sums["xtx"], c)
             self._add_diagonal(c)
 
     def _update_tensor_cores(self, rows: torch.Tensor) -> None:
         """bf16/fp16 rows: Σxᵀx from the rows themselves (no float32 copy), into the float32 pending
         sum (``pending``) or straight into float64 per chunk of :data:`CHUNK_ROWS` rows."""
-        cols = max(256, XTX_BLOCK_ELEMS // self.dim)
         diagonal = bool(self.kinds & {"sq", "abs"})
         run = FLUSH_ROWS if self.pending else CHUNK_ROWS
         start = 0
@@ -188,15 +192,12 @@ class ActivationStats:
             if "xtx" in self.kinds and self.pending:
                 if self._pending is None:
                     self._pending = torch.zeros(self.dim, self.dim, dtype=torch.float32, device=rows.device)
-                for j in range(0, self.dim, cols):
-                    self._pending[j:j + cols].add_(_gram_fp32(chunk[:, j:j + cols], chunk))
+                _add_gram_(self._pending, chunk, _gram_fp32)
                 self._pending_rows += chunk.shape[0]
                 if self._pending_rows >= FLUSH_ROWS:
                     self._flush()
             elif "xtx" in self.kinds:
-                acc = self.sums["xtx"]
-                for j in range(0, self.dim, cols):
-                    acc[j:j + cols].add_(_gram_fp32(chunk[:, j:j + cols], chunk))
+                _add_gram_(self.sums["xtx"], chunk, _gram_fp32)
             if diagonal:
                 for part in chunk.split(CHUNK_ROWS):
                     self._add_diagonal(part.to(torch.float32))

@@ -276,45 +276,6 @@ def canonical_device(device: torch.device | str) -> torch.device:
     return d
 
 
-class Prefetch:
-    """Block ``index`` being brought to ``device`` by a background thread while the current block computes.
-
-    On CUDA the copies run on ``stream`` (a side stream), so they overlap the compute stream's
-    kernels; :meth:`finish` makes the compute stream wait for them and marks the new tensors as used
-    by it (so the caching allocator never hands their memory out early). On the CPU the thread
-    still overlaps reading shards with compute.
-    """
-
-    def __init__(self, index: int, block: nn.Module, prefix: str, device: torch.device, work, stream=None) -> None:
-        self.index, self.block, self.prefix, self.device, self.stream = index, block, prefix, device, stream
-        self.event = torch.cuda.Event() if stream is not None else None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(work,), name=f"qera-prefetch-{index}", daemon=True)
-        self.thread.start()
-
-    def _run(self, work) -> None:
-        try:
-            if self.stream is None:
-                work()
-            else:
-                with torch.cuda.stream(self.stream):
-                    work()
-                    self.event.record(self.stream)
-        except BaseException as exc:  # re-raised in the caller's thread by finish()
-            self.error = exc
-
-    def finish(self, block: nn.Module) -> None:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        if self.stream is not None:
-            main = torch.cuda.current_stream(self.device)
-            main.wait_event(self.event)
-            for t in list(block.parameters()) + list(block.buffers()):
-                if t.is_cuda:
-                    t.record_stream(main)
-
-
 class Background:
     """``work()`` in a daemon thread; :meth:`join` waits for it and re-raises its exception."""
 
@@ -334,6 +295,38 @@ class Background:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
+
+
+class Prefetch:
+    """Block ``index`` being brought to ``device`` by a background thread while the current block computes.
+
+    On CUDA the copies run on ``stream`` (a side stream), so they overlap the compute stream's
+    kernels; :meth:`finish` makes the compute stream wait for them and marks the new tensors as used
+    by it (so the caching allocator never hands their memory out early). On the CPU the thread
+    still overlaps reading shards with compute.
+    """
+
+    def __init__(self, index: int, block: nn.Module, prefix: str, device: torch.device, work, stream=None) -> None:
+        self.index, self.block, self.prefix, self.device, self.stream = index, block, prefix, device, stream
+        self.event = torch.cuda.Event() if stream is not None else None
+        self.job = Background(f"qera-prefetch-{index}", lambda: self._run(work))
+
+    def _run(self, work) -> None:
+        if self.stream is None:
+            work()
+        else:
+            with torch.cuda.stream(self.stream):
+                work()
+                self.event.record(self.stream)
+
+    def finish(self, block: nn.Module) -> None:
+        self.job.join()  # re-raises the thread's error here
+        if self.stream is not None:
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(self.event)
+            for t in list(block.parameters()) + list(block.buffers()):
+                if t.is_cuda:
+                    t.record_stream(main)
 
 
 class Placer:
@@ -462,7 +455,7 @@ class Placer:
             self.drain()
             p, self._pending = self._pending, None
             if p is not None:
-                p.thread.join()
+                p.job.thread.join()  # its error, if any, is not ours to raise here: the block just goes home
                 if p.stream is not None:
                     p.stream.synchronize()
                 self.offload(p.index, p.block, p.prefix)
