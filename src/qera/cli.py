@@ -17,6 +17,7 @@ from . import __version__
 from .errors import QeraError
 from .formats import FORMATS
 from .methods import METHODS
+from .config import OUTPUT_WEIGHTS
 from .rounding import ROUNDINGS
 
 log = logging.getLogger("qera.cli")
@@ -78,7 +79,7 @@ def _add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
                         help="allocate ranks across layers within the A/B parameters of rank R everywhere (replaces --rank)")
     budget.add_argument("--extra-bits", type=float, metavar="BITS",
                         help="allocate ranks across layers within BITS bits per weight for A and B (replaces --rank)")
-    g.add_argument("--output-weight", choices=["none", "fisher", "kfac"], default="none",
+    g.add_argument("--output-weight", choices=OUTPUT_WEIGHTS, default="none",
                    help="weigh a layer's output channels by the loss's gradients there: fisher (mean squared gradient "
                         "per channel) or kfac (their full covariance); one backward pass over the calibration data, "
                         "the whole model in memory; the low-rank term then minimizes the layer's loss cost, not its plain output "
