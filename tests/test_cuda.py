@@ -21,6 +21,18 @@ def test_statistics_accumulate_on_device():
         torch.testing.assert_close(gpu.sums[k].cpu(), cpu.sums[k], rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_statistics_on_device_equal_dropping_the_rows(dtype):
+    x = correlated_inputs(4 * 512, 128, seed=5).view(4, 512, 128).to(dtype)
+    mask = torch.rand(4, 512, generator=torch.Generator().manual_seed(1)) > 0.25
+    cpu, gpu = ActivationStats(128, {"abs", "sq", "xtx"}), ActivationStats(128, {"abs", "sq", "xtx"}, pending=True)
+    cpu.update(x[mask].float())
+    gpu.update(x.cuda(), mask.cuda())  # padded rows zeroed on the device, counted at finish()
+    assert gpu.finish().count == cpu.count == int(mask.sum())
+    for k in cpu.sums:
+        torch.testing.assert_close(gpu.sums[k].cpu(), cpu.sums[k], rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("exact", [False, True])
 def test_solver_on_gpu_reaches_optimum(exact):
     n = 1024

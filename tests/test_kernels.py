@@ -101,3 +101,14 @@ def test_prepared_layer_reads_as_having_no_dense_weight():
     with pytest.raises(QeraError, match="load the checkpoint again"):
         layer.use_kernel(torch.float32, slow_ok=True)
     assert layer.use_kernel(torch.bfloat16) is None  # already prepared for it
+
+
+def test_releasing_a_prepared_layer_frees_its_kernel_copy():
+    from qera.streaming import release
+
+    layer = _layer("mxint4")
+    layer.use_kernel(torch.bfloat16)
+    assert layer._kernel is not None and layer._kernel.nbytes() > 0
+    release(layer)
+    assert layer._kernel is None
+    assert all(t.device.type == "meta" for t in [*layer.parameters(), *layer.buffers()])

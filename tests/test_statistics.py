@@ -155,6 +155,32 @@ def test_pending_float32_sums_fold_every_flush_rows(gpu_path, monkeypatch):
     torch.testing.assert_close(st.mean_abs(), ref.abs().mean(0), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_rows_on_the_gpu_path_are_zeroed_and_counted_without_a_sync(gpu_path, dtype):
+    """On a GPU padded rows are zeroed, not dropped (boolean indexing would sync for its size); the
+    kept-row count stays on the device until finish(). The sums equal dropping the rows, and NaN in
+    a padded row does not leak in."""
+    x = correlated_inputs(3 * 2 * 10, 16, seed=2).view(3, 2, 10, 16).to(dtype)
+    masks = torch.rand(3, 2, 10, generator=torch.Generator().manual_seed(0)) > 0.3
+    masks[1] = False  # a batch that is all padding
+    dropped, zeroed = ActivationStats(16, ALL), ActivationStats(16, ALL, pending=True)
+    for xb, mb in zip(x, masks):
+        poisoned = xb.clone()
+        poisoned[~mb] = float("nan")
+        zeroed.update(poisoned, mb)
+        dropped.update(xb[mb].float())
+    assert zeroed._kept is not None  # not yet counted on the host
+    assert zeroed.finish().count == dropped.count == int(masks.sum()) and zeroed._kept is None
+    for k in ALL:
+        torch.testing.assert_close(zeroed.sums[k], dropped.sums[k], rtol=1e-6, atol=1e-6)
+    bad = ActivationStats(16, ALL, name="L")
+    poisoned = x[0].clone()
+    poisoned[masks[0]] = float("nan")  # NaN in a kept row is still found
+    bad.update(poisoned, masks[0])
+    with pytest.raises(QeraError, match="NaN/Inf.*layer L"):
+        bad.finish()
+
+
 def test_deferred_checks_fail_the_recording_not_the_batch(gpu_path):
     from tiny import tiny_llama
 

@@ -117,6 +117,7 @@ class ActivationStats:
         self._pending: torch.Tensor | None = None  # float32 Σxᵀx not yet folded into sums["xtx"]
         self._pending_rows = 0
         self._peak: torch.Tensor | None = None  # deferred check: running max |x| on the device
+        self._kept: torch.Tensor | None = None  # deferred count of masked batches' kept rows (device)
         self.kinds = _check_kinds(self.kinds)
         if self.precision not in STATS_PRECISIONS:
             raise QeraError(f"statistics precision must be one of {', '.join(STATS_PRECISIONS)}, got {self.precision!r}")
@@ -139,15 +140,22 @@ class ActivationStats:
         if x.shape[-1] != self.dim:
             raise QeraError(f"activation width {x.shape[-1]} != expected {self.dim}{where(self.name)}")
         rows = x.reshape(-1, self.dim)
+        defer, tensor_cores = _device_path(rows, self.precision)
+        kept: int | torch.Tensor = rows.shape[0]
         if mask is not None:
             if mask.numel() != rows.shape[0]:
                 raise QeraError(
                     f"mask has {mask.numel()} entries but the activation has {rows.shape[0]} rows{where(self.name)}"
                 )
-            rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
+            keep = mask.reshape(-1).to(device=rows.device, dtype=torch.bool)
+            if defer:  # zero the padded rows (they add nothing) instead of dropping them: no host sync
+                rows = torch.where(keep.unsqueeze(1), rows, rows.new_zeros(()))
+                kept = keep.sum()  # on the device; finish() adds it to count
+            else:
+                rows = rows[keep]
+                kept = rows.shape[0]
         if rows.shape[0] == 0:
             return
-        defer, tensor_cores = _device_path(rows, self.precision)
         peak = rows.abs().amax()  # NaN propagates through amax
         if defer:
             self._peak = peak if self._peak is None else torch.maximum(self._peak, peak)
@@ -160,7 +168,10 @@ class ActivationStats:
             self._update_tensor_cores(rows)
         else:
             self._update_chunks(rows)
-        self.count += int(rows.shape[0])
+        if isinstance(kept, torch.Tensor):
+            self._kept = kept if self._kept is None else self._kept + kept
+        else:
+            self.count += kept
 
     def _check_peak(self, peak: float) -> None:
         if not math.isfinite(peak):
@@ -217,12 +228,20 @@ class ActivationStats:
 
     def finish(self) -> "ActivationStats":
         """Settle deferred work: fold pending sums, free their buffer and run the deferred NaN/Inf and
-        overflow check (one host synchronization). Readers call it; it is cheap when nothing is pending."""
+        overflow check and the deferred row count (one host synchronization). Readers call it; it is
+        cheap when nothing is pending."""
         self._flush()
         self._pending = None
-        if self._peak is not None:
-            peak, self._peak = self._peak, None
-            self._check_peak(float(peak))
+        if self._peak is None and self._kept is None:
+            return self
+        device = (self._peak if self._peak is not None else self._kept).device
+        peak, kept = torch.stack([  # one transfer for both
+            t.double() if t is not None else torch.zeros((), dtype=torch.float64, device=device)
+            for t in (self._peak, self._kept)
+        ]).tolist()
+        self._peak = self._kept = None
+        self.count += int(kept)
+        self._check_peak(peak)
         return self
 
     def validate(self, source: str = "") -> "ActivationStats":

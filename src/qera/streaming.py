@@ -176,7 +176,8 @@ def materialize(module: nn.Module, prefix: str, source: WeightSource, device: to
 
 
 def release(module: nn.Module) -> None:
-    """Move every parameter and buffer of ``module`` to the meta device (frees their memory)."""
+    """Move every parameter and buffer of ``module`` to the meta device (frees their memory), and drop
+    dense caches and fused-kernel copies of quantized weights."""
     for m in module.modules():
         for k, p in list(m._parameters.items()):
             if p is not None and p.device.type != "meta":
@@ -186,6 +187,8 @@ def release(module: nn.Module) -> None:
                 m._buffers[k] = torch.empty_like(b, device="meta")
         if hasattr(m, "_w_cache"):
             m._w_cache = None
+        if getattr(m, "_kernel", None) is not None:
+            m._kernel = None
 
 
 def is_lazy_source(path: str | os.PathLike) -> bool:
