@@ -11,6 +11,11 @@ resumes where it stopped. Then ``--summarize`` writes, from whatever has finishe
 
     python experiments/qpeft_lr_sweep.py --out runs/stsb_lr --workers 8          # the issue's sweep
     python experiments/qpeft_lr_sweep.py --out runs/stsb_lr --summarize
+    # a reduced grid (one seed), then more seeds at each init's best lr:
+    python experiments/qpeft_lr_sweep.py --out runs/stsb_lr_cpu --epochs 1 --seeds 0 --no-lora16
+    python experiments/qpeft_lr_sweep.py --out runs/stsb_lr_cpu --epochs 1 --confirm-seeds 1,2 --no-lora16
+
+The best lr is chosen on the seeds every lr of that init has, so extra seeds at one lr never decide it.
 """
 
 from __future__ import annotations
@@ -110,14 +115,33 @@ def summarize(root: Path) -> dict:
             fin = [_final(r)[0] for r in results]
             ini = [_final(r)[1] for r in results]
             curve.append({"lr": lr, "seeds": len(fin), "mean": statistics.mean(fin), "std": sd(fin),
-                          "initial": statistics.mean(ini), "finals": fin})
-        best = max(curve, key=lambda c: c["mean"])
-        table.append({"setting": setting, "init": init, "best_lr": best["lr"], "best": best, "curve": curve})
+                          "initial": statistics.mean(ini), "finals": fin,
+                          "by_seed": {r["seed"]: _final(r)[0] for r in results}})
+        # choose on the seeds every lr has (extra seeds at one lr, from --confirm-seeds, must not
+        # decide the choice); report the chosen lr with all of its seeds
+        common = set.intersection(*(set(c["by_seed"]) for c in curve))
+        pick = lambda c: statistics.mean(c["by_seed"][k] for k in common) if common else c["mean"]  # noqa: E731
+        best = max(curve, key=pick)
+        table.append({"setting": setting, "init": init, "best_lr": best["lr"], "best": best, "curve": curve,
+                      "chosen_on_seeds": sorted(common)})
     return {"metric": "corr (mean of Pearson and Spearman), STS-B dev", "rows": table}
 
 
+def confirm_plan(summary: dict, candidates: list[Run], seeds: list[int]) -> list[Run]:
+    """More seeds at each (setting, init)'s chosen lr: ``candidates`` give the format and rank of each
+    setting and init asked for on the command line."""
+    best = {(r["setting"], r["init"]): r["best_lr"] for r in summary["rows"]}
+    runs = {}
+    for c in candidates:
+        lr = best.get((c.setting, c.init))
+        if lr is not None:
+            for s in seeds:
+                runs[(c.setting, c.init, s)] = Run(c.fmt, c.rank, c.init, lr, s)
+    return list(runs.values())
+
+
 def render(summary: dict, root: Path) -> str:
-    lines = ["| setting | init | best lr | seeds | final corr (mean ± std) | step 0 | corr at each lr |",
+    lines = ["| setting | init | best lr | seeds | final corr (mean ± std) | step 0 | corr at each lr (mean over its seeds) |",
              "|---|---|---:|---:|---:|---:|---|"]
     for row in summary["rows"]:
         b = row["best"]
@@ -171,12 +195,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     ap.add_argument("--qera", default=str(Path(sys.executable).with_name("qera")))
     ap.add_argument("--summarize", action="store_true", help="only summarize what has finished")
+    ap.add_argument("--confirm-seeds", help="instead of the grid: run these seeds (e.g. 1,2) at each setting and "
+                    "init's best lr so far (chosen on the seeds every lr has)")
     args = ap.parse_args(argv)
     root = Path(args.out)
     if not args.summarize:
         settings = [(s.rsplit(":", 1)[0], int(s.rsplit(":", 1)[1])) for s in args.settings.split(",")]
         runs = plan(settings, args.inits.split(","), [float(x) for x in args.lrs.split(",")],
                     [int(x) for x in args.seeds.split(",")], not args.no_lora16)
+        if args.confirm_seeds:
+            runs = confirm_plan(summarize(root), runs, [int(x) for x in args.confirm_seeds.split(",")])
         execute(runs, root, args)
     print(render(summarize(root), root))
 
