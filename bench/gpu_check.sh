@@ -19,7 +19,7 @@ export PYTHONPATH=$PWD/src:$PWD/bench:${PYTHONPATH:-}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, transformers; print(torch.__version__, torch.version.cuda, transformers.__version__)"; nproc; free -g | head -2; } 2>&1 | tee "$OUT/machine.txt"
 FORMATS=${FORMATS:-int4:group=128,mxint4}
 if part tests; then
-  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$OUT/test_cuda.txt" 2>&1; tail -3 "$OUT/test_cuda.txt"
+  timeout 90 python3 -m pytest -q -rA -s -p no:cacheprovider tests/test_cuda.py >"$OUT/test_cuda.txt" 2>&1; grep -h "addmm(out_dtype" "$OUT/test_cuda.txt"; tail -3 "$OUT/test_cuda.txt"
 fi
 if part 7b; then  # llm-compressor logs through loguru on stdout: only the JSON lines go to memory.jsonl
   timeout 330 python3 bench/gpu_7b.py --device cuda --source memory --gpu-memory 24 --compare llmcompressor \

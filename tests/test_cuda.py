@@ -184,3 +184,15 @@ def test_fused_int4_kernel_on_gpu_matches_dequantizing(fmt):
     fused = layer(x).double()
     rel = lambda a: float((a - ref).norm() / ref.norm())  # noqa: E731
     assert rel(fused) < max(1.25 * rel(dense), 1e-2)
+
+
+def test_float32_accumulation_inside_the_gemm_adds_in_place_or_declines():
+    from qera.statistics import _addmm_fp32_
+
+    a = torch.randn(300, 64, generator=torch.Generator().manual_seed(0)).to("cuda", torch.bfloat16)
+    acc = torch.randn(64, 64, generator=torch.Generator().manual_seed(1)).cuda()
+    before = acc.clone()
+    added = _addmm_fp32_(acc, a, a)  # False: this torch wants `self` in bf16 for out_dtype (nothing done)
+    expect = before + a.float().T @ a.float() if added else before
+    torch.testing.assert_close(acc, expect, rtol=1e-5, atol=1e-4)
+    print(f"addmm(out_dtype=float32) into a float32 accumulator: {'used' if added else 'not supported'}")

@@ -64,12 +64,36 @@ def _gram_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.to(torch.float32).T @ b.to(torch.float32)  # the same exact products (CPU tests of this path)
 
 
-def _add_gram_(acc: torch.Tensor, c: torch.Tensor, gram=lambda a, b: a.T @ b) -> None:
+def _add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += aᵀb``: inside the GEMM (no temporary) when the dtypes agree."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a.T, b)
+    else:
+        acc.add_(a.T @ b)
+
+
+def _add_product_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += aᵀb`` for bf16/fp16 ``a``, ``b`` with float32 accumulation (``acc``: float32 or float64)."""
+    acc.add_(_gram_fp32(a, b))
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``acc += aᵀb`` for bf16/fp16 ``a``, ``b`` on CUDA into float32 ``acc`` inside the GEMM (β = 1: no
+    d×d temporary, no separate add pass). Some torch versions want ``self`` in the inputs' dtype for
+    ``out_dtype``: then nothing is done (the checks run before any work) and this returns False."""
+    try:
+        torch.addmm(acc, a.T, b, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def _add_gram_(acc: torch.Tensor, c: torch.Tensor, add=_add_product_) -> None:
     """``acc += cᵀc`` (``c``: (rows, d)), a block of rows of the product at a time, so the d×d product
-    never exists whole; ``gram(a, b)`` forms ``aᵀb``."""
+    never exists whole; ``add(acc_rows, a, b)`` does ``acc_rows += aᵀb``."""
     cols = max(256, XTX_BLOCK_ELEMS // c.shape[1])
     for j in range(0, c.shape[1], cols):
-        acc[j:j + cols].add_(gram(c[:, j:j + cols], c))
+        add(acc[j:j + cols], c[:, j:j + cols], c)
 
 
 def provided(kinds: Iterable[str]) -> frozenset[str]:
@@ -118,6 +142,7 @@ class ActivationStats:
         self._pending_rows = 0
         self._peak: torch.Tensor | None = None  # deferred check: running max |x| on the device
         self._kept: torch.Tensor | None = None  # deferred count of masked batches' kept rows (device)
+        self._fused_add: bool | None = None  # CUDA: does addmm accumulate bf16 products into float32 here?
         self.kinds = _check_kinds(self.kinds)
         if self.precision not in STATS_PRECISIONS:
             raise QeraError(f"statistics precision must be one of {', '.join(STATS_PRECISIONS)}, got {self.precision!r}")
@@ -203,15 +228,23 @@ class ActivationStats:
             if "xtx" in self.kinds and self.pending:
                 if self._pending is None:
                     self._pending = torch.zeros(self.dim, self.dim, dtype=torch.float32, device=rows.device)
-                _add_gram_(self._pending, chunk, _gram_fp32)
+                _add_gram_(self._pending, chunk, self._add_pending_)
                 self._pending_rows += chunk.shape[0]
                 if self._pending_rows >= FLUSH_ROWS:
                     self._flush()
             elif "xtx" in self.kinds:
-                _add_gram_(self.sums["xtx"], chunk, _gram_fp32)
+                _add_gram_(self.sums["xtx"], chunk, _add_product_fp32_)
             if diagonal:
                 for part in chunk.split(CHUNK_ROWS):
                     self._add_diagonal(part.to(torch.float32))
+
+    def _add_pending_(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``acc += aᵀb`` into the float32 pending sum: in the GEMM itself where this torch allows it."""
+        if a.is_cuda and self._fused_add is not False:
+            self._fused_add = _addmm_fp32_(acc, a, b)
+            if self._fused_add:
+                return
+        _add_product_fp32_(acc, a, b)
 
     def _add_diagonal(self, c: torch.Tensor) -> None:
         if "sq" in self.kinds:
