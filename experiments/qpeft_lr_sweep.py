@@ -121,22 +121,24 @@ def summarize(root: Path) -> dict:
         # decide the choice); report the chosen lr with all of its seeds
         common = set.intersection(*(set(c["by_seed"]) for c in curve))
         pick = lambda c: statistics.mean(c["by_seed"][k] for k in common) if common else c["mean"]  # noqa: E731
-        best = max(curve, key=pick)
+        ranked = sorted(curve, key=pick, reverse=True)
+        best = ranked[0]
         table.append({"setting": setting, "init": init, "best_lr": best["lr"], "best": best, "curve": curve,
-                      "chosen_on_seeds": sorted(common)})
+                      "chosen_on_seeds": sorted(common), "ranked_lrs": [c["lr"] for c in ranked]})
     return {"metric": "corr (mean of Pearson and Spearman), STS-B dev", "rows": table}
 
 
-def confirm_plan(summary: dict, candidates: list[Run], seeds: list[int]) -> list[Run]:
-    """More seeds at each (setting, init)'s chosen lr: ``candidates`` give the format and rank of each
-    setting and init asked for on the command line."""
-    best = {(r["setting"], r["init"]): r["best_lr"] for r in summary["rows"]}
-    runs = {}
-    for c in candidates:
-        lr = best.get((c.setting, c.init))
-        if lr is not None:
-            for s in seeds:
-                runs[(c.setting, c.init, s)] = Run(c.fmt, c.rank, c.init, lr, s)
+def confirm_plan(summary: dict, candidates: list[Run], seeds: list[int], top: int = 1) -> list[Run]:
+    """More seeds at each (setting, init)'s ``top`` best lrs (chosen on the seeds every lr has):
+    ``candidates`` give the format and rank of each setting and init asked for on the command line."""
+    ranked = {(r["setting"], r["init"]): r["ranked_lrs"][:top] for r in summary["rows"]}
+    runs = {}  # every init's best lr first, then its second best ...: an interrupted run has compared the best
+    for k in range(top):
+        for s in seeds:
+            for c in candidates:
+                lrs = ranked.get((c.setting, c.init), [])
+                if k < len(lrs):
+                    runs[(c.setting, c.init, lrs[k], s)] = Run(c.fmt, c.rank, c.init, lrs[k], s)
     return list(runs.values())
 
 
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--summarize", action="store_true", help="only summarize what has finished")
     ap.add_argument("--confirm-seeds", help="instead of the grid: run these seeds (e.g. 1,2) at each setting and "
                     "init's best lr so far (chosen on the seeds every lr has)")
+    ap.add_argument("--confirm-top", type=int, default=1, help="with --confirm-seeds: at this many best lrs")
     args = ap.parse_args(argv)
     root = Path(args.out)
     if not args.summarize:
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         runs = plan(settings, args.inits.split(","), [float(x) for x in args.lrs.split(",")],
                     [int(x) for x in args.seeds.split(",")], not args.no_lora16)
         if args.confirm_seeds:
-            runs = confirm_plan(summarize(root), runs, [int(x) for x in args.confirm_seeds.split(",")])
+            runs = confirm_plan(summarize(root), runs, [int(x) for x in args.confirm_seeds.split(",")],
+                                args.confirm_top)
         execute(runs, root, args)
     print(render(summarize(root), root))
 
