@@ -22,10 +22,13 @@ def test_statistics_accumulate_on_device():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_masked_statistics_on_device_equal_dropping_the_rows(dtype):
-    x = correlated_inputs(4 * 512, 128, seed=5).view(4, 512, 128).to(dtype)
+def test_masked_statistics_on_device_equal_dropping_the_rows(dtype, monkeypatch):
+    import qera.statistics as S
+
+    monkeypatch.setattr(S, "XTX_BLOCK_ELEMS", 256 * 512)  # Σxᵀx formed in two blocks of 256 rows
+    x = correlated_inputs(4 * 512, 512, seed=5).view(4, 512, 512).to(dtype)
     mask = torch.rand(4, 512, generator=torch.Generator().manual_seed(1)) > 0.25
-    cpu, gpu = ActivationStats(128, {"abs", "sq", "xtx"}), ActivationStats(128, {"abs", "sq", "xtx"}, pending=True)
+    cpu, gpu = ActivationStats(512, {"abs", "sq", "xtx"}), ActivationStats(512, {"abs", "sq", "xtx"}, pending=True)
     cpu.update(x[mask].float())
     gpu.update(x.cuda(), mask.cuda())  # padded rows zeroed on the device, counted at finish()
     assert gpu.finish().count == cpu.count == int(mask.sum())

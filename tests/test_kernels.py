@@ -110,5 +110,7 @@ def test_releasing_a_prepared_layer_frees_its_kernel_copy():
     layer.use_kernel(torch.bfloat16)
     assert layer._kernel is not None and layer._kernel.nbytes() > 0
     release(layer)
-    assert layer._kernel is None
     assert all(t.device.type == "meta" for t in [*layer.parameters(), *layer.buffers()])
+    assert layer._kernel.tiles.device.type == layer._kernel.scales_zeros.device.type == "meta"
+    with pytest.raises(QeraError, match="save it"):  # still a prepared layer: its codes are gone
+        layer.state_dict()

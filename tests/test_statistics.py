@@ -170,7 +170,8 @@ def test_masked_rows_on_the_gpu_path_are_zeroed_and_counted_without_a_sync(gpu_p
         zeroed.update(poisoned, mb)
         dropped.update(xb[mb].float())
     assert zeroed._kept is not None  # not yet counted on the host
-    assert zeroed.finish().count == dropped.count == int(masks.sum()) and zeroed._kept is None
+    assert zeroed.count == dropped.count == int(masks.sum())  # reading the count settles it
+    assert zeroed._kept is None and zeroed._pending is None
     for k in ALL:
         torch.testing.assert_close(zeroed.sums[k], dropped.sums[k], rtol=1e-6, atol=1e-6)
     bad = ActivationStats(16, ALL, name="L")

@@ -175,6 +175,12 @@ class Int4Kernel:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.tiles, self.scales_zeros))
 
+    def release(self) -> None:
+        """Free the device copies (they become meta tensors, like a released module's parameters); the
+        layer stays marked as prepared, so it still refuses to be saved or moved."""
+        self.tiles = self.tiles.to("meta")
+        self.scales_zeros = self.scales_zeros.to("meta")
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype or x.device != self.device:
             raise QeraError(f"this layer was prepared for {self.dtype} inputs on {self.device}; got {x.dtype} on "

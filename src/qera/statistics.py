@@ -83,6 +83,8 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
     ``out_dtype``: then nothing is done (the checks run before any work) and this returns False."""
     try:
         torch.addmm(acc, a.T, b, out_dtype=torch.float32, out=acc)
+    except torch.cuda.OutOfMemoryError:  # a real failure, not a refusal
+        raise
     except (RuntimeError, TypeError):
         return False
     return True
@@ -173,7 +175,8 @@ class ActivationStats:
                     f"mask has {mask.numel()} entries but the activation has {rows.shape[0]} rows{where(self.name)}"
                 )
             keep = mask.reshape(-1).to(device=rows.device, dtype=torch.bool)
-            if defer:  # zero the padded rows (they add nothing) instead of dropping them: no host sync
+            if defer:  # zero the padded rows (they add nothing; their GEMM work is the price) instead of
+                # dropping them, which needs the kept count on the host: no host sync
                 rows = torch.where(keep.unsqueeze(1), rows, rows.new_zeros(()))
                 kept = keep.sum()  # on the device; finish() adds it to count
             else:
@@ -196,7 +199,7 @@ class ActivationStats:
         if isinstance(kept, torch.Tensor):
             self._kept = kept if self._kept is None else self._kept + kept
         else:
-            self.count += kept
+            self._count += kept  # not through `count`, which would settle (sync) a deferred count
 
     def _check_peak(self, peak: float) -> None:
         if not math.isfinite(peak):
@@ -273,7 +276,7 @@ class ActivationStats:
             for t in (self._peak, self._kept)
         ]).tolist()
         self._peak = self._kept = None
-        self.count += int(kept)
+        self._count += int(kept)
         self._check_peak(peak)
         return self
 
@@ -354,6 +357,21 @@ class ActivationStats:
         self.finish()
         return ActivationStats(self.dim, self.kinds, self.name, self.count, {k: v.to(device) for k, v in self.sums.items()},
                                self.precision, self.pending)
+
+
+def _settled_count(self: ActivationStats) -> int:
+    """Rows seen. A masked batch on a GPU counts its kept rows on the device: reading settles that first."""
+    if self.__dict__.get("_kept") is not None:
+        self.finish()
+    return self._count
+
+
+def _set_count(self: ActivationStats, value: int) -> None:
+    self._count = value
+
+
+# `count` stays a dataclass field (constructor argument, repr, equality), read through a property
+ActivationStats.count = property(_settled_count, _set_count)
 
 
 class LazyStats(MutableMapping):

@@ -188,7 +188,7 @@ def release(module: nn.Module) -> None:
         if hasattr(m, "_w_cache"):
             m._w_cache = None
         if getattr(m, "_kernel", None) is not None:
-            m._kernel = None
+            m._kernel.release()
 
 
 def is_lazy_source(path: str | os.PathLike) -> bool:
