@@ -15,7 +15,8 @@ resumes where it stopped. Then ``--summarize`` writes, from whatever has finishe
     python experiments/qpeft_lr_sweep.py --out runs/stsb_lr_cpu --epochs 1 --seeds 0 --no-lora16
     python experiments/qpeft_lr_sweep.py --out runs/stsb_lr_cpu --epochs 1 --confirm-seeds 1,2 --no-lora16
 
-The best lr is chosen on the seeds every lr of that init has, so extra seeds at one lr never decide it.
+``--confirm-seeds`` picks each init's ``--confirm-top`` lrs on the seeds every lr has; the reported best
+lr is then the highest mean among the lrs run with the most seeds.
 """
 
 from __future__ import annotations
@@ -117,12 +118,13 @@ def summarize(root: Path) -> dict:
             curve.append({"lr": lr, "seeds": len(fin), "mean": statistics.mean(fin), "std": sd(fin),
                           "initial": statistics.mean(ini), "finals": fin,
                           "by_seed": {r["seed"]: _final(r)[0] for r in results}})
-        # choose on the seeds every lr has (extra seeds at one lr, from --confirm-seeds, must not
-        # decide the choice); report the chosen lr with all of its seeds
+        # screen on the seeds every lr has (what --confirm-seeds picks its lrs from); then the best
+        # is the highest mean among the lrs run with the most seeds (the confirmed finalists)
         common = set.intersection(*(set(c["by_seed"]) for c in curve))
         pick = lambda c: statistics.mean(c["by_seed"][k] for k in common) if common else c["mean"]  # noqa: E731
         ranked = sorted(curve, key=pick, reverse=True)
-        best = ranked[0]
+        most = max(c["seeds"] for c in curve)
+        best = max((c for c in curve if c["seeds"] == most), key=lambda c: c["mean"])
         table.append({"setting": setting, "init": init, "best_lr": best["lr"], "best": best, "curve": curve,
                       "chosen_on_seeds": sorted(common), "ranked_lrs": [c["lr"] for c in ranked]})
     return {"metric": "corr (mean of Pearson and Spearman), STS-B dev", "rows": table}
