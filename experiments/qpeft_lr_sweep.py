@@ -126,7 +126,7 @@ def summarize(root: Path) -> dict:
         most = max(c["seeds"] for c in curve)
         best = max((c for c in curve if c["seeds"] == most), key=lambda c: c["mean"])
         table.append({"setting": setting, "init": init, "best_lr": best["lr"], "best": best, "curve": curve,
-                      "chosen_on_seeds": sorted(common), "ranked_lrs": [c["lr"] for c in ranked]})
+                      "screened_on_seeds": sorted(common), "ranked_lrs": [c["lr"] for c in ranked]})
     return {"metric": "corr (mean of Pearson and Spearman), STS-B dev", "rows": table}
 
 

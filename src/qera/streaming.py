@@ -293,10 +293,15 @@ class Background:
         except BaseException as exc:  # re-raised in the caller's thread by join()
             self.error = exc
 
-    def join(self) -> None:
+    def wait(self) -> BaseException | None:
+        """Wait for the thread; return (and clear) its exception instead of raising it."""
         self.thread.join()
-        if self.error is not None:
-            error, self.error = self.error, None
+        error, self.error = self.error, None
+        return error
+
+    def join(self) -> None:
+        error = self.wait()
+        if error is not None:
             raise error
 
 
@@ -458,7 +463,7 @@ class Placer:
             self.drain()
             p, self._pending = self._pending, None
             if p is not None:
-                p.job.thread.join()  # its error, if any, is not ours to raise here: the block just goes home
+                p.job.wait()  # its error, if any, is not ours to raise here: the block just goes home
                 if p.stream is not None:
                     p.stream.synchronize()
                 self.offload(p.index, p.block, p.prefix)
