@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -312,6 +313,34 @@ def test_stale_temporary_folders_are_cleaned(tmp_path):
     (stale / "model.safetensors").write_bytes(b"half")
     save_quantized(_quantized(), None, tmp_path / "ck")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_scratch_of_a_killed_run_is_removed_by_the_next_one(tmp_path):
+    """A process that dies without cleaning up (SIGKILL, OOM killer) leaves spilled statistics and
+    cached activations behind; the next run's scratch in the same folder removes them, and only
+    them: scratch of live processes, of other hosts and with other prefixes stays."""
+    import subprocess
+    import sys
+
+    from qera.atomic import _host_tag, scratch_path
+
+    child = ("import sys; from qera.atomic import scratch_path; "
+             "print(scratch_path(sys.argv[1], 'qera-stats-', '.safetensors')); "
+             "d = scratch_path(sys.argv[1], 'qera-activations-', directory=True); (d / '0.safetensors').write_bytes(b'x')")
+    out = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, check=True)
+    left = Path(out.stdout.strip())
+    assert left.exists() and left.parent == tmp_path  # the dead child's file is still there
+    dead_pid = int(left.name.split("-")[-2])
+    live = tmp_path / f"qera-stats-{_host_tag()}-{os.getpid()}-live.safetensors"
+    other_host = tmp_path / f"qera-stats-elsewhere-{dead_pid}-x.safetensors"
+    for f in (live, other_host):
+        f.write_bytes(b"x")
+
+    mine = scratch_path(tmp_path, "qera-stats-", ".safetensors")
+    assert not left.exists() and live.exists() and other_host.exists() and mine.exists()
+    assert len(list(tmp_path.glob("qera-activations-*"))) == 1  # another prefix: swept by its own kind only
+    scratch_path(tmp_path, "qera-activations-", directory=True)
+    assert [p.parent for p in tmp_path.glob("qera-activations-*/0.safetensors")] == []
 
 
 def test_bf16_cast_after_quantization_round_trips(tmp_path):

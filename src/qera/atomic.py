@@ -11,6 +11,9 @@ Guarantees:
   directory is first renamed to ``.<name>.old-<pid>``; if the process dies between the two renames,
   :func:`recover_directory` (called by every loader and writer) puts the old one back.
 - Temporary folders of dead processes (``.<name>.tmp-<pid>-*``) are removed on the next write.
+- Scratch files and folders (statistics spilled to disk, cached activations) are named
+  ``<prefix><host>-<pid>-*`` by :func:`scratch_path`, which first removes those of dead processes
+  on the same host: a SIGKILLed run cannot clean up after itself, and its scratch can be gigabytes.
 """
 
 from __future__ import annotations
@@ -100,20 +103,53 @@ def check_parent(path: Path) -> Path:
     return parent
 
 
-def cleanup_stale(path: Path) -> None:
-    """Remove temporary siblings of ``path`` left by processes that no longer run."""
-    parent = path.parent if path.parent.is_dir() else None
-    if parent is None:
+def _remove_dead(parent: Path, pattern: re.Pattern) -> None:
+    """Remove the entries of ``parent`` whose name matches ``pattern`` with a dead process id (group 1)."""
+    if not parent.is_dir():
         return
-    pat = re.compile(rf"^\.{re.escape(path.name)}\.tmp-(\d+)-")
     for entry in parent.iterdir():
-        m = pat.match(entry.name)
+        m = pattern.match(entry.name)
         if m and not _pid_alive(int(m.group(1))):
             log.info("removing %s, left by an interrupted run", entry)
-            if entry.is_dir():
+            if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
+
+
+def cleanup_stale(path: Path) -> None:
+    """Remove temporary siblings of ``path`` left by processes that no longer run."""
+    _remove_dead(path.parent, re.compile(rf"^\.{re.escape(path.name)}\.tmp-(\d+)-"))
+
+
+def _host_tag() -> str:
+    """This machine's name, reduced to characters safe in a file name."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", os.uname().nodename if hasattr(os, "uname") else "host") or "host"
+
+
+def scratch_path(base: str | os.PathLike, prefix: str, suffix: str = "", directory: bool = False) -> Path:
+    """A new empty scratch file (or folder) ``<base>/<prefix><host>-<pid>-XXXX<suffix>``.
+
+    Scratch of dead processes of this host with the same prefix is removed first (processes of
+    other hosts sharing ``base`` are left alone: their ids mean nothing here). The caller removes
+    its own scratch when done.
+    """
+    base = Path(base)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QeraError(f"cannot create the scratch folder {base}: {exc.strerror or exc}") from None
+    host = _host_tag()
+    _remove_dead(base, re.compile(rf"^{re.escape(prefix)}{re.escape(host)}-(\d+)-"))
+    name = f"{prefix}{host}-{os.getpid()}-"
+    try:
+        if directory:
+            return Path(tempfile.mkdtemp(prefix=name, suffix=suffix, dir=base))
+        fd, path = tempfile.mkstemp(prefix=name, suffix=suffix, dir=base)
+    except OSError as exc:
+        raise QeraError(f"cannot create scratch in {base}: {exc.strerror or exc}") from None
+    os.close(fd)
+    return Path(path)
 
 
 def recover_directory(path: str | os.PathLike) -> None:

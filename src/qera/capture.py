@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .calibration import run_model, row_mask
+from .atomic import scratch_path
 from .errors import QeraError
 from .memory import format_size
 
@@ -155,8 +156,7 @@ class ActivationCache:
         self._dir: Path | None = None
         if location == "disk":
             base = Path(offload_dir) if offload_dir else Path(tempfile.gettempdir())
-            base.mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix="qera-activations-", dir=base))
+            self._dir = scratch_path(base, "qera-activations-", directory=True)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -21,7 +21,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .atomic import check_parent, write_file
+from .atomic import check_parent, cleanup_stale, scratch_path, write_file
 from .memory import format_size
 from .statistics import CalibrationStats
 
@@ -35,6 +35,7 @@ class StatsFileWriter:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         check_parent(self.path)
+        cleanup_stale(self.path)  # part folders of a killed run
         self.parts_dir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-{os.getpid()}-parts-", dir=self.path.parent))
         self.parts: list[Path] = []
         self.meta: dict[str, dict] = {}
@@ -110,10 +111,7 @@ def collect_statistics_within(
     temp = None
     if path is None:
         base = Path(workdir) if workdir else Path(tempfile.gettempdir())
-        base.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="qera-stats-", suffix=".safetensors", dir=base)
-        os.close(fd)
-        temp = path = Path(name)
+        temp = path = scratch_path(base, "qera-stats-", ".safetensors")
     plan_log.info("statistics need %s, over the memory budget of %s: recorded block by block into %s and read "
                   "one layer at a time", format_size(need), format_size(budget), path)
     try:
