@@ -10,7 +10,7 @@ from qera import (
     QERALinear, QeraError, QuantConfig, collect_statistics, find_targets, load_quantized, perplexity,
     quantize_model, save_quantized,
 )
-from tiny import TEXT, tiny_llama
+from tiny import TEXT, right_padded, tiny_llama
 
 ALL = ("abs", "sq", "xtx")
 
@@ -51,14 +51,8 @@ def test_hook_statistics_equal_hand_computed(stats, batches):
 def test_padding_is_excluded(tok):
     """Right-padded batch with a mask == the sequences run one by one (causal model)."""
     model = tiny_llama()
-    seqs = [tok(s)["input_ids"] for s in ("short text here", "a much longer piece of text for the batch", "mid size one")]
-    L = max(map(len, seqs))
-    ids = torch.full((3, L), tok.pad_token_id)
-    mask = torch.zeros(3, L, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    padded = collect_statistics(model, [{"input_ids": ids, "attention_mask": mask}], kinds=ALL, progress=False)
+    seqs, batch = right_padded(tok)
+    padded = collect_statistics(model, [batch], kinds=ALL, progress=False)
     single = collect_statistics(
         model, [{"input_ids": torch.tensor([s]), "attention_mask": torch.ones(1, len(s), dtype=torch.long)} for s in seqs],
         kinds=ALL, progress=False,

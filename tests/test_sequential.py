@@ -15,20 +15,9 @@ from safetensors.torch import load_file
 from qera import QERALinear, QeraError, QuantConfig, load_quantized, quantize_and_save, quantize_model, save_quantized
 from qera.checkpoint import read_qera_config
 from qera.metrics import layer_output_error
-from tiny import TEXT, byte_tokenizer, tiny_llama
+from tiny import TEXT, byte_tokenizer, right_padded, tiny_llama
 
 HERE = Path(__file__).resolve().parent
-
-
-def padded_batches(tok):
-    seqs = [tok(s)["input_ids"] for s in ("short text here", "a much longer piece of text for the batch", "mid size")]
-    L = max(map(len, seqs))
-    ids = torch.full((3, L), tok.pad_token_id)
-    mask = torch.zeros(3, L, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return [{"input_ids": ids, "attention_mask": mask}]
 
 
 @pytest.mark.parametrize("method", ["qera-exact", "lqer", "loftq", "w-only"])
@@ -51,7 +40,7 @@ def test_sequential_fp_equals_oneshot_bit_for_bit(batches, method):
 
 def test_padding_is_excluded_in_sequential_too(tok):
     a, b = tiny_llama(), tiny_llama()
-    pb = padded_batches(tok)
+    pb = [right_padded(tok)[1]]
     ra = quantize_model(a, QuantConfig(format="mxint3", rank=4), calibration=pb, progress=False)
     rb = quantize_model(b, QuantConfig(format="mxint3", rank=4, pipeline="sequential"), calibration=pb, progress=False)
     n = int(pb[0]["attention_mask"].sum())

@@ -26,6 +26,21 @@ def byte_tokenizer(add_bos: bool = False):
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+PADDED_TEXTS = ("short text here", "a much longer piece of text for the batch", "mid size one")
+
+
+def right_padded(tok, texts=PADDED_TEXTS) -> tuple[list[list[int]], dict]:
+    """``texts`` tokenized, and one right-padded batch of them with its attention mask."""
+    seqs = [tok(s)["input_ids"] for s in texts]
+    L = max(map(len, seqs))
+    ids = torch.full((len(seqs), L), tok.pad_token_id)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return seqs, {"input_ids": ids, "attention_mask": mask}
+
+
 def tiny_llama(seed: int = 0, vocab: int = 259, layers: int = 2, hidden: int = 64, inter: int = 96):
     from transformers import LlamaConfig, LlamaForCausalLM
 
