@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 17 in one call (device machine: torch + transformers preinstalled, no registry).
-# Wheels for llm-compressor and its missing dependencies travel in .whl/ (see bench/README.md).
+# Wheels for llm-compressor and its missing dependencies travel in .whl/: `bash bench/gpu_wheels.sh` here,
+# then carry ".whl" with the device call (it is git-ignored).
 #   bash bench/gpu_check.sh OUTDIR
 # PARTS picks sections (default all; each call of the device tool has 600 s, all of them 900 s):
 #   tests (~60 s), 7b (~330 s), profile (~90 s), disk (~170 s), speed (~2 x 150 s)
