@@ -396,3 +396,37 @@ def test_a_nan_solve_found_at_settlement_leaves_the_model_unquantized(batches, m
                        calibration=batches, progress=False)
     assert not any(isinstance(m, QERALinear) for m in model.modules())
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+def test_non_persistent_buffers_survive_a_streamed_block():
+    """A buffer the shards lack (a per-block rotary table, say) follows the block to its device and
+    goes back to the host on release: read again, the block computes as before."""
+    from torch import nn
+
+    from qera.streaming import materialize, release
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4, bias=False)
+            self.register_buffer("freq", torch.arange(4.0), persistent=False)
+
+        def forward(self, x):
+            return self.proj(x) * self.freq
+
+    real = Block()
+    weights = {"blk.proj.weight": real.proj.weight.detach().clone()}
+
+    class Source:
+        def get(self, key, device):
+            return weights[key].to(device)
+
+    with torch.device("meta"):
+        block = Block()
+    block.freq = torch.arange(4.0)  # what init_empty_weights leaves: parameters on meta, buffers real
+    x = torch.randn(2, 4)
+    for _ in range(2):  # stream in, use, release, stream in again
+        materialize(block, "blk.", Source(), "cpu")
+        torch.testing.assert_close(block(x), real(x))
+        release(block)
+        assert block.proj.weight.device.type == "meta" and block.freq.device.type == "cpu"

@@ -194,10 +194,15 @@ def test_deferred_checks_fail_the_recording_not_the_batch(gpu_path):
     st.update(bad)  # no host synchronization per batch: the check waits for finish()
     with pytest.raises(QeraError, match="NaN/Inf.*down_proj"):
         st.finish()
+    for read in (st.finish, st.autocorrelation, st.validate):  # the failure sticks: the sums hold NaN
+        with pytest.raises(QeraError, match="NaN/Inf.*down_proj"):
+            read()
     huge = ActivationStats(8, {"xtx"}, name="L")
     huge.update(torch.full((4, 8), 1e30))
     with pytest.raises(QeraError, match="overflow.*layer L"):
         huge.autocorrelation()  # every reader settles the deferred check first
+    with pytest.raises(QeraError, match="overflow.*layer L"):
+        huge.autocorrelation()  # and a second read cannot see the finite but huge sums either
     model = tiny_llama()
     mods = find_targets(model)
     name = next(n for n in mods if n.endswith("layers.0.self_attn.o_proj"))

@@ -166,9 +166,15 @@ class ActivationCache:
         if self.location == "device":
             self._items[i] = t.to(self.device)
         elif self.location == "cpu":
-            cpu = t.to("cpu")
-            if self.device.type == "cuda":
-                cpu = cpu.pin_memory()
+            if t.is_cuda:  # straight into pinned memory, in stream order: no host sync per batch (the
+                # only reader, get(), copies it back on the same stream; the pinned allocator keeps a
+                # buffer until the copies queued on it are done)
+                cpu = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                cpu.copy_(t, non_blocking=True)
+            else:
+                cpu = t.to("cpu")
+                if self.device.type == "cuda":
+                    cpu = cpu.pin_memory()
             self._items[i] = cpu
         else:
             from safetensors.torch import save_file

@@ -188,7 +188,8 @@ class LayerQuantizer:
         else:
             scale, R = None, None
         R = R.to(W.device) if R is not None else None
-        curve = ErrorCurve(name, error_spectrum(D, scale, R), sum(D.shape), metric_energy(W, scale, R),
+        # on the host: the greedy allocation reads the gains one rank unit at a time
+        curve = ErrorCurve(name, error_spectrum(D, scale, R).cpu(), sum(D.shape), metric_energy(W, scale, R),
                            fixed=self.config.fixed_rank(name))
         return q0, curve
 

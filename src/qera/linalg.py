@@ -100,7 +100,11 @@ def top_eigvecs_randomized(apply_G, m: int, k: int, opts: SolverOptions, device:
     """
     p = min(m, opts.sketch_width(k))
     gen = torch.Generator(device="cpu").manual_seed(opts.seed)
-    omega = torch.randn(m, p, generator=gen, dtype=opts.compute_dtype).to(device)
+    omega = torch.randn(m, p, generator=gen, dtype=opts.compute_dtype)
+    if torch.device(device).type == "cuda":  # pageable host→device copies wait for the whole stream
+        omega = omega.pin_memory().to(device, non_blocking=True)
+    else:
+        omega = omega.to(device)
     Q, _ = torch.linalg.qr(apply_G(omega))
     blocks = [Q]
     for _ in range(opts.n_iter):

@@ -60,7 +60,10 @@ def _device_path(rows: torch.Tensor, precision: str) -> tuple[bool, bool]:
 def _gram_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``aᵀ b`` of bf16/fp16 matrices in float32: exact products, float32 accumulation (tensor cores on CUDA)."""
     if a.is_cuda:
-        return torch.mm(a.T, b, out_dtype=torch.float32)
+        try:
+            return torch.mm(a.T, b, out_dtype=torch.float32)
+        except TypeError:  # torch < 2.8 has no out_dtype; below, the same exact products (bf16 ⊂ TF32)
+            pass
     return a.to(torch.float32).T @ b.to(torch.float32)  # the same exact products (CPU tests of this path)
 
 
@@ -145,6 +148,7 @@ class ActivationStats:
         self._peak: torch.Tensor | None = None  # deferred check: running max |x| on the device
         self._kept: torch.Tensor | None = None  # deferred count of masked batches' kept rows (device)
         self._fused_add: bool | None = None  # CUDA: does addmm accumulate bf16 products into float32 here?
+        self._failed: QeraError | None = None  # a failed deferred check, raised again by every reader
         self.kinds = _check_kinds(self.kinds)
         if self.precision not in STATS_PRECISIONS:
             raise QeraError(f"statistics precision must be one of {', '.join(STATS_PRECISIONS)}, got {self.precision!r}")
@@ -266,6 +270,8 @@ class ActivationStats:
         """Settle deferred work: fold pending sums, free their buffer and run the deferred NaN/Inf and
         overflow check and the deferred row count (one host synchronization). Readers call it; it is
         cheap when nothing is pending."""
+        if self._failed is not None:  # the sums hold the bad rows: no reader may use them
+            raise self._failed
         self._flush()
         self._pending = None
         if self._peak is None and self._kept is None:
@@ -277,7 +283,11 @@ class ActivationStats:
         ]).tolist()
         self._peak = self._kept = None
         self._count += int(kept)
-        self._check_peak(peak)
+        try:
+            self._check_peak(peak)
+        except QeraError as exc:
+            self._failed = exc
+            raise
         return self
 
     def validate(self, source: str = "") -> "ActivationStats":
@@ -299,9 +309,17 @@ class ActivationStats:
                 )
             if not t.is_floating_point():
                 raise QeraError(f"{what}statistic {kind!r} has dtype {t.dtype}, expected float64{where(self.name)}")
-            if not bool(torch.isfinite(t).all()):
+        # the value checks of every kind in one host transfer: (non-finite, negative) per kind
+        kinds = sorted(k for k in self.kinds if k in self.sums)
+        if not kinds:
+            return self
+        flags = torch.stack([torch.stack([~torch.isfinite(self.sums[k]).all(),
+                                          (self.sums[k] < 0).any() if k in ("abs", "sq") else self.sums[k].new_zeros((), dtype=torch.bool)])
+                             for k in kinds]).tolist()
+        for kind, (nonfinite, negative) in zip(kinds, flags):
+            if nonfinite:
                 raise QeraError(f"{what}statistic {kind!r} contains NaN/Inf{where(self.name)}")
-            if kind in ("abs", "sq") and bool((t < 0).any()):
+            if negative:
                 raise QeraError(f"{what}statistic {kind!r} has negative entries{where(self.name)}")
         return self
 

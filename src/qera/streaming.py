@@ -172,19 +172,31 @@ def materialize(module: nn.Module, prefix: str, source: WeightSource, device: to
             value = value.to(dtype)
         total += value.numel() * value.element_size()
         done[id(t)] = assign_tensor(module, local, value)
+    # non-persistent buffers (rotary frequencies ...) are not in the shards: built with the model, they
+    # follow the block to the device
+    for n, m in module.named_modules():
+        for b in m._non_persistent_buffers_set:
+            t = m._buffers.get(b)
+            if skip and (f"{n}.{b}" if n else b).startswith(skip):
+                continue
+            if t is not None and t.device.type != "meta" and t.device != torch.device(device):
+                m._buffers[b] = t.to(device)
     return total
 
 
 def release(module: nn.Module) -> None:
-    """Move every parameter and buffer of ``module`` to the meta device (frees their memory), and drop
-    dense caches and fused-kernel copies of quantized weights."""
+    """Move every parameter and persistent buffer of ``module`` to the meta device (frees their memory;
+    non-persistent buffers, which the shards lack, go to the host), and drop dense caches and
+    fused-kernel copies of quantized weights."""
     for m in module.modules():
         for k, p in list(m._parameters.items()):
             if p is not None and p.device.type != "meta":
                 m._parameters[k] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
         for k, b in list(m._buffers.items()):
-            if b is not None and b.device.type != "meta":
-                m._buffers[k] = torch.empty_like(b, device="meta")
+            if b is None or b.device.type == "meta":
+                continue
+            # a non-persistent buffer cannot be read again from the shards: it goes back to the host
+            m._buffers[k] = b.to("cpu") if k in m._non_persistent_buffers_set else torch.empty_like(b, device="meta")
         if hasattr(m, "_w_cache"):
             m._w_cache = None
         if getattr(m, "_kernel", None) is not None:

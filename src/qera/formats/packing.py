@@ -16,6 +16,12 @@ def packed_nbytes(numel: int, bits: int) -> int:
     return math.ceil(numel / 8) * bits
 
 
+def _in_range(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """Whether every code lies in ``[0, 2**bits)``, as a 0-d bool tensor (on the codes' device)."""
+    lo, hi = torch.aminmax(flat)
+    return (lo >= 0) & (hi < (1 << bits))
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in ``[0, 2**bits)`` into bytes.
 
@@ -28,7 +34,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     flat = codes.reshape(-1).to(torch.int64)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
+    if flat.numel() and not bool(_in_range(flat, bits)):  # one host sync
         raise ValueError(f"codes must lie in [0, {1 << bits}) to pack into {bits} bits")
     pad = (-flat.numel()) % 8
     if pad:

@@ -127,10 +127,10 @@ class Method(ABC):
             w_q, qw = qweight.detach().to(device=W.device, dtype=torch.float32), None
         if w_q.shape != W.shape:
             raise QeraError(f"W has shape {tuple(W.shape)} but W_q has shape {tuple(w_q.shape)}{where(name)}")
-        if not torch.isfinite(W).all():
+        if not bool(torch.isfinite(W).all() & torch.isfinite(w_q).all()):  # one host sync for both
             bad = int((~torch.isfinite(W)).sum())
-            raise QeraError(f"W has {bad} NaN/Inf value(s){where(name)}")
-        if not torch.isfinite(w_q).all():
+            if bad:
+                raise QeraError(f"W has {bad} NaN/Inf value(s){where(name)}")
             raise QeraError(f"W_q contains NaN/Inf{where(name)}")
         if not self.uses_rank:
             z = w_q.new_zeros

@@ -98,8 +98,8 @@ class QERAExact(Method):
         n = stats.dim
         R = stats.autocorrelation(dtype)
         diag = torch.diagonal(R)
-        mean_diag = float(diag.mean())
-        dead = int((diag <= 1e-12 * max(mean_diag, 1e-300)).sum())
+        mean = diag.mean()
+        dead = int((diag <= 1e-12 * mean.clamp_min(1e-300)).sum())  # one host sync
         if stats.count < n or dead:
             log.warning(
                 "autocorrelation of %s is singular (%d tokens for %d channels, %d dead channels); "
@@ -109,7 +109,7 @@ class QERAExact(Method):
         if self.shrink:
             shrink_toward_diagonal_(R, self.shrink)
         if self.damp:
-            diag.add_(self.damp * mean_diag)  # R is our own copy
+            diag.add_(self.damp * mean)  # R is our own copy
         return None, R
 
 
