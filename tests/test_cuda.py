@@ -219,3 +219,37 @@ def test_activations_in_pinned_host_memory_round_trip():
         assert cache._items[i].is_pinned()
         torch.testing.assert_close(cache.get(i), x * 8, rtol=0, atol=0)
     cache.close()
+
+
+def test_recording_batches_never_synchronizes_the_host():
+    """The record loop's promise, checked by CUDA itself: hooked bf16 layers with padded batches, the
+    tensor-core pending sums, the deferred checks and counts — no host synchronization until finish()."""
+    from torch import nn
+
+    from qera import record_statistics
+
+    torch.manual_seed(0)
+    mods = {"a": nn.Linear(256, 64).cuda().to(torch.bfloat16), "b": nn.Linear(256, 32).cuda().to(torch.bfloat16)}
+    xs = [torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    masks = [torch.ones(4, 64, dtype=torch.bool, device="cuda") for _ in xs]
+    masks[1][2, 40:] = False
+    masks[3][:, 50:] = False
+    with record_statistics(mods, {"xtx", "abs", "sq"}, precision="mixed", pending=True) as rec, torch.no_grad():
+        rec.mask = masks[0]
+        for m in mods.values():
+            m(xs[0])  # first batch: accumulators allocated, fused-GEMM support found out
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for x, mask in zip(xs[1:], masks[1:]):
+                rec.mask = mask
+                for m in mods.values():
+                    m(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        stats = rec.stats
+    rows = torch.cat([x[m] for x, m in zip(xs, masks)]).double()
+    for name in mods:
+        st = stats[name]
+        assert st.count == rows.shape[0]
+        torch.testing.assert_close(st.autocorrelation().cpu(), (rows.T @ rows / rows.shape[0]).cpu(), rtol=1e-6, atol=1e-6)
