@@ -4,7 +4,7 @@
 # then carry ".whl" with the device call (it is git-ignored).
 #   bash bench/gpu_check.sh OUTDIR
 # PARTS picks sections (default all; each call of the device tool has 600 s, all of them 900 s):
-#   tests (~60 s), 7b (~330 s), profile (~90 s), disk (~170 s), speed (~2 x 150 s)
+#   tests (~70 s: tests/test_cuda.py, bench/gram.py), 7b (~330 s), profile (~90 s), disk (~170 s), speed (~2 x 150 s)
 #   e.g. PARTS="tests 7b profile" bash bench/gpu_check.sh OUT, then PARTS="speed disk" ...
 set -u
 PARTS=${PARTS:-tests 7b profile disk speed}
@@ -21,6 +21,7 @@ export PYTHONPATH=$PWD/src:$PWD/bench:${PYTHONPATH:-}
 FORMATS=${FORMATS:-int4:group=128,mxint4}
 if part tests; then
   timeout 90 python3 -m pytest -q -rA -s -p no:cacheprovider tests/test_cuda.py >"$OUT/test_cuda.txt" 2>&1; grep -h "addmm(out_dtype" "$OUT/test_cuda.txt"; tail -3 "$OUT/test_cuda.txt"
+  timeout 60 python3 bench/gram.py --device cuda --rows 16384 --calls 4 --repeat 3 2>&1 | tee "$OUT/gram.txt" | grep -v '^{'
 fi
 if part 7b; then  # llm-compressor logs through loguru on stdout: only the JSON lines go to memory.jsonl
   timeout 330 python3 bench/gpu_7b.py --device cuda --source memory --gpu-memory 24 --compare llmcompressor \

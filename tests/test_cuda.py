@@ -199,6 +199,14 @@ def test_float32_accumulation_inside_the_gemm_adds_in_place_or_declines():
     expect = before + a.float().T @ a.float() if added else before
     torch.testing.assert_close(acc, expect, rtol=1e-5, atol=1e-4)
     print(f"addmm(out_dtype=float32) into a float32 accumulator: {'used' if added else 'not supported'}")
+    # the Gram's blocks are strided views (rows j:j+b, columns j:): only the view changes
+    b = torch.randn(300, 192, generator=torch.Generator().manual_seed(2)).to("cuda", torch.bfloat16)
+    big = torch.zeros(192, 192, device="cuda")
+    view = big[64:128, 64:]
+    want = torch.zeros_like(big)
+    if _addmm_fp32_(view, b[:, 64:128], b[:, 64:]):
+        want[64:128, 64:] = b[:, 64:128].float().T @ b[:, 64:].float()
+    torch.testing.assert_close(big, want, rtol=1e-5, atol=1e-4)
 
 
 def test_activations_in_pinned_host_memory_round_trip():

@@ -225,3 +225,27 @@ def test_tensor_core_path_meets_the_objective_bound_over_a_whole_flush(gpu_path)
     W = torch.randn(96, d, generator=g) * 0.05
     for pending in (True, False):
         assert _objective_gap(x.to(torch.bfloat16), W, pending=pending) <= 1e-6
+
+
+@pytest.mark.parametrize("path", ["float64", "mixed", "tensor-cores", "tensor-cores-pending"])
+def test_gram_formed_above_the_diagonal_and_mirrored_is_the_full_product(path, monkeypatch):
+    """Σxᵀx is formed only on and above its block diagonal (36/64 of the GEMM work at 8 blocks) and
+    the rest copied from the mirror image: on every accumulation path, over calls and folds, the sums
+    are exactly symmetric and equal the full product."""
+    import qera.statistics as S
+
+    d = 700  # blocks of 256, 256, 188
+    assert S._gram_block(d) == 256 and S._gram_block(11008) == 1408 and S._gram_block(4096) == 512
+    if path.startswith("tensor-cores"):
+        monkeypatch.setattr(S, "_device_path", lambda rows, precision: (True, True))
+        monkeypatch.setattr(S, "FLUSH_ROWS", 900)
+    x = correlated_inputs(2100, d, seed=7)
+    x = x.to(torch.bfloat16) if path.startswith("tensor-cores") else x
+    st = ActivationStats(d, {"xtx"}, precision="float64" if path == "float64" else "mixed",
+                         pending=path == "tensor-cores-pending")
+    for part in x.split(500):  # several calls; the pending path folds mid-call
+        st.update(part)
+    ref = x.double().T @ x.double()
+    got = st.finish().sums["xtx"]
+    assert torch.equal(got, got.T)
+    torch.testing.assert_close(got, ref, rtol=1e-6 if path != "float64" else 1e-12, atol=1e-6 * float(ref.diagonal().max()))

@@ -46,6 +46,11 @@ CHUNK_ROWS = 4096  # rows per fp32 product before adding into the float64 accumu
 # tests/test_statistics.py checks the 1e-6 objective bound at this length too.
 FLUSH_ROWS = 65536
 XTX_BLOCK_ELEMS = 1 << 24  # entries of Σxᵀx formed per GEMM (64 MB in float32): bounds the temporaries
+# Σxᵀx is symmetric: it is formed in row blocks of at most 1/GRAM_SPLIT of its width, each only from
+# its diagonal block rightwards; the blocks below the diagonal are copied from their mirror images.
+# With 8 blocks that is 36/64 of the GEMM work (GRAM_MIN_BLOCK keeps small widths in few, wide GEMMs).
+GRAM_SPLIT = 8
+GRAM_MIN_BLOCK = 256
 # larger |x| could overflow a float32 sum of x² over the longest run of rows summed in float32
 MAX_ABS = float(torch.finfo(torch.float32).max / max(CHUNK_ROWS, FLUSH_ROWS)) ** 0.5
 
@@ -93,12 +98,29 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
     return True
 
 
+def _gram_block(d: int) -> int:
+    """Rows of a d×d Σxᵀx formed per GEMM (the same partition for adding and mirroring)."""
+    split = -(-d // GRAM_SPLIT)
+    return max(GRAM_MIN_BLOCK, min(XTX_BLOCK_ELEMS // d, -(-split // 64) * 64))
+
+
 def _add_gram_(acc: torch.Tensor, c: torch.Tensor, add=_add_product_) -> None:
-    """``acc += cᵀc`` (``c``: (rows, d)), a block of rows of the product at a time, so the d×d product
-    never exists whole; ``add(acc_rows, a, b)`` does ``acc_rows += aᵀb``."""
-    cols = max(256, XTX_BLOCK_ELEMS // c.shape[1])
-    for j in range(0, c.shape[1], cols):
-        add(acc[j:j + cols], c[:, j:j + cols], c)
+    """``acc += cᵀc`` on and above the block diagonal only (``c``: (rows, d)); :func:`_mirror_lower_`
+    completes it. A block of rows at a time, so the d×d product never exists whole;
+    ``add(acc_block, a, b)`` does ``acc_block += aᵀb``."""
+    d = c.shape[1]
+    cols = _gram_block(d)
+    for j in range(0, d, cols):
+        add(acc[j:j + cols, j:], c[:, j:j + cols], c[:, j:])
+
+
+def _mirror_lower_(acc: torch.Tensor) -> None:
+    """Fill the blocks below the diagonal of ``acc`` (d × d) from those above, as :func:`_add_gram_`
+    leaves them: ``acc`` is symmetric afterwards."""
+    d = acc.shape[0]
+    cols = _gram_block(d)
+    for j in range(0, d - cols, cols):
+        acc[j + cols:, j:j + cols].copy_(acc[j:j + cols, j + cols:].T)
 
 
 def provided(kinds: Iterable[str]) -> frozenset[str]:
@@ -222,6 +244,8 @@ class ActivationStats:
             if "xtx" in self.kinds:
                 _add_gram_(self.sums["xtx"], c)
             self._add_diagonal(c)
+        if "xtx" in self.kinds:
+            _mirror_lower_(self.sums["xtx"])
 
     def _update_tensor_cores(self, rows: torch.Tensor) -> None:
         """bf16/fp16 rows: Σxᵀx from the rows themselves (no float32 copy), into the float32 pending
@@ -244,6 +268,8 @@ class ActivationStats:
             if diagonal:
                 for part in chunk.split(CHUNK_ROWS):
                     self._add_diagonal(part.to(torch.float32))
+        if "xtx" in self.kinds and not self.pending:
+            _mirror_lower_(self.sums["xtx"])
 
     def _add_pending_(self, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         """``acc += aᵀb`` into the float32 pending sum: in the GEMM itself where this torch allows it."""
@@ -262,7 +288,8 @@ class ActivationStats:
     def _flush(self) -> None:
         """Fold the float32 pending Σxᵀx into the float64 accumulator."""
         if self._pending is not None and self._pending_rows:
-            self.sums["xtx"].add_(self._pending)
+            self.sums["xtx"].add_(self._pending)  # the pending sum holds the upper blocks only
+            _mirror_lower_(self.sums["xtx"])
             self._pending.zero_()
         self._pending_rows = 0
 
