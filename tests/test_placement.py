@@ -63,3 +63,37 @@ def test_background_work_reraises_in_the_caller():
     with pytest.raises(ZeroDivisionError):
         job.join()
     job.join()  # raised once
+
+
+def test_block_call_tensors_stay_on_the_gpu_and_count_there():
+    """Rotary tables and padded batches' masks go to the GPU with every batch's block call: they
+    count in what one block needs there, pushing the activations out or refusing the budget."""
+    import dataclasses
+
+    roomy = dataclasses.replace(NEEDS_7B, calls=int(0.2 * GB))
+    assert plan_placement("cuda:0", roomy, gpu_budget=24 * GB).activations == "device"
+    assert "block call tensors 190.7 MiB" in plan_placement("cuda:0", roomy, gpu_budget=24 * GB).describe()
+    crowded = dataclasses.replace(NEEDS_7B, calls=20 * GB)
+    assert plan_placement("cuda:0", crowded, gpu_budget=24 * GB, host_budget=100 * GB).activations == "cpu"
+    with pytest.raises(QeraError, match="block call tensors 20.5 GiB.*over the GPU budget"):
+        plan_placement("cuda:0", dataclasses.replace(NEEDS_7B, calls=22 * GB), gpu_budget=24 * GB)
+
+
+def test_call_bytes_measures_the_masks_of_padded_batches():
+    import torch
+
+    from tiny import byte_tokenizer, right_padded, tiny_llama
+
+    from qera.capture import call_bytes, tensor_bytes
+    from qera.targets import find_blocks
+
+    model = tiny_llama()
+    _, blocks = find_blocks(model, [n for n, _ in model.named_modules() if n.endswith("q_proj")])
+    _, padded = right_padded(byte_tokenizer())
+    full = {"input_ids": padded["input_ids"], "attention_mask": torch.ones_like(padded["attention_mask"])}
+    b, t = padded["input_ids"].shape
+    cpu = torch.device("cpu")
+    with_mask, without = call_bytes(model.model, blocks, [padded] * 3, cpu, False), call_bytes(model.model, blocks, [full] * 3, cpu, False)
+    assert with_mask - without >= 3 * b * t * t  # one (B, 1, T, T) mask per batch, at least a byte an entry
+    shared = torch.zeros(10)
+    assert tensor_bytes({"a": shared, "b": (shared, shared[2:])}) == 40  # one storage, counted once

@@ -216,6 +216,34 @@ class CapturedInputs:
     notes: list[str] = field(default_factory=list)
 
 
+def tensor_bytes(obj: Any, seen: set[tuple[str, int]] | None = None) -> int:
+    """Bytes of the distinct tensor storages inside tuples/lists/dicts/:class:`BlockCall` (shared counted once)."""
+    seen = set() if seen is None else seen
+    if torch.is_tensor(obj):
+        storage = obj.untyped_storage()
+        key = (str(obj.device), storage.data_ptr())
+        if key in seen or obj.device.type == "meta":
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if isinstance(obj, BlockCall):
+        return tensor_bytes(obj.args, seen) + tensor_bytes(obj.kwargs, seen)
+    if isinstance(obj, (tuple, list)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    return 0
+
+
+def call_bytes(runner: nn.Module, blocks: nn.ModuleList, batches: Sequence[Mapping[str, torch.Tensor]],
+               input_device: torch.device, tuple_out: bool) -> int:
+    """Device bytes the captured block calls of all ``batches`` will hold: the largest batch's calls
+    (masks grow with its size) times the number of batches — an upper bound when shapes differ."""
+    largest = max(batches, key=lambda b: int(b["input_ids"].numel()))
+    _, calls = capture_calls(runner, blocks, largest, input_device, tuple_out=tuple_out)
+    return tensor_bytes(calls) * len(batches)
+
+
 def activation_bytes(batches: Sequence[Mapping[str, torch.Tensor]], width: int, dtype: torch.dtype) -> int:
     """Bytes of the block inputs of every batch (one hidden state per token)."""
     per = torch.empty(0, dtype=dtype).element_size()

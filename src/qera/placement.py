@@ -20,7 +20,8 @@ class BlockNeeds:
     float32 plus ~7 float32 copies of its largest layer (measured, bench/README.md); activations:
     the cached block inputs of every calibration batch; prefetch: blocks resident beside this one
     (the next, brought in while this one computes, and on a GPU the previous, on its way home;
-    0 without prefetching).
+    0 without prefetching); calls: the tensors every batch's block call takes besides the hidden
+    state (rotary tables, attention masks of padded batches), kept on the compute device.
     """
 
     weights: int
@@ -28,10 +29,12 @@ class BlockNeeds:
     solve: int
     activations: int
     prefetch: int = 0
+    calls: int = 0
 
     @property
     def per_block(self) -> int:
-        return self.weights + self.prefetch + self.statistics + self.solve
+        """What must be on the compute device whatever the activations' place."""
+        return self.weights + self.prefetch + self.statistics + self.solve + self.calls
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,9 @@ class Plan:
         budget = (f"; GPU budget {format_size(self.gpu_budget)}" if self.gpu_budget is not None else "") + \
                  (f"; host budget {format_size(self.host_budget)}" if self.host_budget is not None else "")
         ahead = f" + blocks in flight {format_size(n.prefetch)}" if n.prefetch else ""
+        calls = f" + block call tensors {format_size(n.calls)}" if n.calls else ""
         return (f"plan: one block at a time on {self.device} (weights {format_size(n.weights)}{ahead} + statistics "
-                f"{format_size(n.statistics)} + solve ≤ {format_size(n.solve)}); activations "
+                f"{format_size(n.statistics)} + solve ≤ {format_size(n.solve)}{calls}); activations "
                 f"{format_size(n.activations)} {where}{budget}")
 
 
@@ -66,7 +70,8 @@ def plan_placement(device: str, needs: BlockNeeds, gpu_budget: int | None = None
         raise QeraError(
             f"one block needs about {format_size(needs.per_block)} on {device} (weights "
             f"{format_size(needs.weights)}, statistics {format_size(needs.statistics)}, solve "
-            f"{format_size(needs.solve)}), over the GPU budget of {format_size(gpu_budget)}"
+            f"{format_size(needs.solve)}" + (f", block call tensors {format_size(needs.calls)}" if needs.calls else "")
+            + f"), over the GPU budget of {format_size(gpu_budget)}"
         )
     if on_gpu and (gpu_budget is None or needs.per_block + needs.activations <= gpu_budget):
         where = "device" if gpu_budget is not None else "cpu"

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import model_device, runner_for
-from ..capture import activation_bytes, block_output_is_tuple, capture_block_inputs, capture_probe
+from ..capture import activation_bytes, block_output_is_tuple, call_bytes, capture_block_inputs, capture_probe
 from ..errors import QeraError
 from ..layer import settle_reports
 from ..memory import trim_heap
@@ -267,8 +267,9 @@ class BlockWalk:
         placer.onload(0, blocks[0], prefix0)
         tuple_out = block_output_is_tuple(runner, blocks, batches[0], input_device, device)
         probe = capture_probe(runner, blocks, batches[0], input_device, device, tuple_out)
+        calls = call_bytes(runner, blocks, batches, input_device, tuple_out)
         plan = _plan(blocks[0], prefix0, by_block.get(0, {}), probe, batches, device, kinds, gpu_memory, max_memory,
-                     prefetch=placer.prefetches and len(blocks) > 1)
+                     prefetch=placer.prefetches and len(blocks) > 1, calls=calls)
         plan_log.info("%s", plan.describe())
         captured = capture_block_inputs(runner, blocks, batches, input_device, device, tuple_out, plan.activations,
                                         probe, offload_dir=offload_dir)
@@ -278,8 +279,9 @@ class BlockWalk:
 
 
 def _plan(block: nn.Module, prefix: str, names: dict[str, nn.Module], probe, batches, device: torch.device, kinds,
-          gpu_memory: int | None, max_memory: int | None, prefetch: bool = False) -> Plan:
-    """Size one block's work (block 0 stands for all) and place the activations within the budgets."""
+          gpu_memory: int | None, max_memory: int | None, prefetch: bool = False, calls: int = 0) -> Plan:
+    """Size one block's work (block 0 stands for all) and place the activations within the budgets
+    (``calls``: bytes of every batch's block-call tensors, see :func:`~qera.capture.call_bytes`)."""
     probe_hidden, probe_calls = probe
     mods = _block_modules(block, prefix, names)
     groups = probe_shared_inputs(mods, lambda: probe_calls[0](block, probe_hidden)) if mods else {}
@@ -293,7 +295,7 @@ def _plan(block: nn.Module, prefix: str, names: dict[str, nn.Module], probe, bat
     # bounded by the block's own size, so count one more block (the next one and the previous one)
     ahead = (2 if device.type == "cuda" else 1) * weights if prefetch else 0
     needs = BlockNeeds(weights, stats, solve, activation_bytes(batches, probe_hidden.shape[-1], probe_hidden.dtype),
-                       ahead)
+                       ahead, calls)
     gpu_budget = gpu_memory
     if device.type == "cuda" and gpu_budget is None:
         free, _ = torch.cuda.mem_get_info(device)
