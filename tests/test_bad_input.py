@@ -315,32 +315,40 @@ def test_stale_temporary_folders_are_cleaned(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
-def test_scratch_of_a_killed_run_is_removed_by_the_next_one(tmp_path):
+def test_scratch_of_a_killed_run_is_removed_by_the_next_one(tmp_path, monkeypatch):
     """A process that dies without cleaning up (SIGKILL, OOM killer) leaves spilled statistics and
     cached activations behind; the next run's scratch in the same folder removes them, and only
-    them: scratch of live processes, of other hosts and with other prefixes stays."""
+    them: scratch that is locked (a live run, even one whose process id this one cannot see), of
+    other hosts and with other prefixes stays."""
     import subprocess
     import sys
 
-    from qera.atomic import _host_tag, scratch_path
+    from qera import atomic
+    from qera.atomic import _host_tag, scratch_dir
 
-    child = ("import sys; from qera.atomic import scratch_path; "
-             "print(scratch_path(sys.argv[1], 'qera-stats-', '.safetensors')); "
-             "d = scratch_path(sys.argv[1], 'qera-activations-', directory=True); (d / '0.safetensors').write_bytes(b'x')")
+    child = ("import sys; from qera.atomic import scratch_dir; "
+             "s = scratch_dir(sys.argv[1], 'qera-stats-'); (s.path / 'stats.safetensors').write_bytes(b'x'); print(s.path); "
+             "a = scratch_dir(sys.argv[1], 'qera-activations-'); (a.path / '0.safetensors').write_bytes(b'x')")
     out = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, check=True)
-    left = Path(out.stdout.strip())
-    assert left.exists() and left.parent == tmp_path  # the dead child's file is still there
+    left = Path(out.stdout.strip())  # the child exited without removing its scratch
+    assert (left / "stats.safetensors").exists() and left.parent == tmp_path
     dead_pid = int(left.name.split("-")[-2])
-    live = tmp_path / f"qera-stats-{_host_tag()}-{os.getpid()}-live.safetensors"
-    other_host = tmp_path / f"qera-stats-elsewhere-{dead_pid}-x.safetensors"
-    for f in (live, other_host):
-        f.write_bytes(b"x")
+    other_host = tmp_path / f"qera-stats-elsewhere_abc123-{dead_pid}-x"
+    other_host.mkdir()
 
-    mine = scratch_path(tmp_path, "qera-stats-", ".safetensors")
-    assert not left.exists() and live.exists() and other_host.exists() and mine.exists()
+    live = scratch_dir(tmp_path, "qera-stats-")  # removes the child's stats scratch only
+    assert not left.exists() and other_host.exists() and live.path.exists()
     assert len(list(tmp_path.glob("qera-activations-*"))) == 1  # another prefix: swept by its own kind only
-    scratch_path(tmp_path, "qera-activations-", directory=True)
-    assert [p.parent for p in tmp_path.glob("qera-activations-*/0.safetensors")] == []
+    scratch_dir(tmp_path, "qera-activations-").remove()
+    assert list(tmp_path.glob("qera-activations-*")) == []
+
+    # a live run whose process id looks dead from here (another PID namespace): its lock protects it
+    monkeypatch.setattr(atomic, "_pid_alive", lambda pid: False)
+    scratch_dir(tmp_path, "qera-stats-").remove()
+    assert live.path.exists()
+    live.remove()
+    assert not live.path.exists() and "_" in _host_tag()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other_host.name]
 
 
 def test_bf16_cast_after_quantization_round_trips(tmp_path):

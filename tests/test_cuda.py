@@ -227,6 +227,11 @@ def test_activations_in_pinned_host_memory_round_trip():
         assert cache._items[i].is_pinned()
         torch.testing.assert_close(cache.get(i), x * 8, rtol=0, atol=0)
     cache.close()
+    # a reader on the CPU (model on the GPU, compute device the CPU): that copy blocks, the values are there
+    host = ActivationCache(1, "cpu", torch.device("cpu"))
+    y = torch.randn(8, 512, 512, device="cuda")
+    host.put(0, y)
+    torch.testing.assert_close(host.get(0), y.cpu(), rtol=0, atol=0)
 
 
 def test_recording_batches_never_synchronizes_the_host():

@@ -95,5 +95,11 @@ def test_call_bytes_measures_the_masks_of_padded_batches():
     cpu = torch.device("cpu")
     with_mask, without = call_bytes(model.model, blocks, [padded] * 3, cpu, False), call_bytes(model.model, blocks, [full] * 3, cpu, False)
     assert with_mask - without >= 3 * b * t * t  # one (B, 1, T, T) mask per batch, at least a byte an entry
-    shared = torch.zeros(10)
-    assert tensor_bytes({"a": shared, "b": (shared, shared[2:])}) == 40  # one storage, counted once
+    shared = torch.zeros(10)  # each tensor object once, as to_device copies them
+    assert tensor_bytes({"a": shared, "b": (shared, shared[2:]), "c": [shared.expand(3, 10)]}) == 40 + 32 + 120
+    # the most tokens (3B rows of T) and the largest mask (one row of 4T > 3B·T² / (4T)²) in different batches
+    tall = {k: v.repeat(3, 1) for k, v in padded.items()}
+    long = {"input_ids": torch.zeros(1, 4 * t, dtype=torch.long), "attention_mask": torch.ones(1, 4 * t, dtype=torch.long)}
+    long["attention_mask"][0, -1] = 0
+    assert tall["input_ids"].numel() > long["input_ids"].numel() and 16 * t * t > 3 * b * t * t
+    assert call_bytes(model.model, blocks, [tall, long], cpu, False) >= 2 * 16 * t * t  # the (1, 1, 4T, 4T) mask bounds it

@@ -11,9 +11,10 @@ Guarantees:
   directory is first renamed to ``.<name>.old-<pid>``; if the process dies between the two renames,
   :func:`recover_directory` (called by every loader and writer) puts the old one back.
 - Temporary folders of dead processes (``.<name>.tmp-<pid>-*``) are removed on the next write.
-- Scratch files and folders (statistics spilled to disk, cached activations) are named
-  ``<prefix><host>-<pid>-*`` by :func:`scratch_path`, which first removes those of dead processes
-  on the same host: a SIGKILLed run cannot clean up after itself, and its scratch can be gigabytes.
+- Scratch folders (statistics spilled to disk, cached activations) are named
+  ``<prefix><host>-<pid>-*`` and locked by :func:`scratch_dir`. Before it creates one, it removes
+  the scratch of this host's dead runs: a SIGKILLed run cannot clean up after itself, and its
+  scratch can be gigabytes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -123,16 +125,61 @@ def cleanup_stale(path: Path) -> None:
 
 
 def _host_tag() -> str:
-    """This machine's name, reduced to characters safe in a file name."""
-    return re.sub(r"[^A-Za-z0-9_.]", "_", os.uname().nodename if hasattr(os, "uname") else "host") or "host"
+    """This machine's name, reduced to characters safe in a file name, with a hash of the exact name
+    (``node-1`` and ``node_1`` stay apart)."""
+    raw = os.uname().nodename if hasattr(os, "uname") else "host"
+    safe = re.sub(r"[^A-Za-z0-9_.]", "_", raw)[:32] or "host"
+    return f"{safe}_{hashlib.sha1(raw.encode()).hexdigest()[:6]}"
 
 
-def scratch_path(base: str | os.PathLike, prefix: str, suffix: str = "", directory: bool = False) -> Path:
-    """A new empty scratch file (or folder) ``<base>/<prefix><host>-<pid>-XXXX<suffix>``.
+def _lock(fd: int) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` without waiting: False when another open file holds it
+    (True where the platform has no ``flock``: liveness then rests on the process id alone)."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
-    Scratch of dead processes of this host with the same prefix is removed first (processes of
-    other hosts sharing ``base`` are left alone: their ids mean nothing here). The caller removes
-    its own scratch when done.
+
+def _open_dir(path: Path) -> int | None:
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+
+
+class Scratch:
+    """A scratch folder of this process, ``<base>/<prefix><host>-<pid>-XXXX``.
+
+    It is marked live by an exclusive ``flock`` held until :meth:`remove`. The kernel drops the lock
+    when the process dies, even by SIGKILL, so the next run can tell dead scratch from live scratch.
+    That holds even for processes whose ids it cannot see (containers sharing a host name and a
+    folder).
+    """
+
+    def __init__(self, path: Path, fd: int | None) -> None:
+        self.path, self._fd = path, fd
+
+    def remove(self) -> None:
+        """Delete the folder and everything in it, then let go of the lock."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def scratch_dir(base: str | os.PathLike, prefix: str) -> Scratch:
+    """A new, empty, locked scratch folder under ``base``, after removing the scratch that runs of
+    this host left there when they died.
+
+    An entry is removed only if its process id is not running here and nobody holds its lock. The
+    folder is created under a hidden name, locked, then renamed into place, so no sweeper ever sees
+    it unlocked.
     """
     base = Path(base)
     try:
@@ -140,16 +187,31 @@ def scratch_path(base: str | os.PathLike, prefix: str, suffix: str = "", directo
     except OSError as exc:
         raise QeraError(f"cannot create the scratch folder {base}: {exc.strerror or exc}") from None
     host = _host_tag()
-    _remove_dead(base, re.compile(rf"^{re.escape(prefix)}{re.escape(host)}-(\d+)-"))
+    pattern = re.compile(rf"^{re.escape(prefix)}{re.escape(host)}-(\d+)-")
+    for entry in base.iterdir():
+        m = pattern.match(entry.name)
+        if not m or _pid_alive(int(m.group(1))) or entry.is_symlink() or not entry.is_dir():
+            continue
+        fd = _open_dir(entry)
+        if fd is None:
+            continue
+        try:
+            if _lock(fd):
+                log.info("removing %s, left by a run that died", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+        finally:
+            os.close(fd)
     name = f"{prefix}{host}-{os.getpid()}-"
     try:
-        if directory:
-            return Path(tempfile.mkdtemp(prefix=name, suffix=suffix, dir=base))
-        fd, path = tempfile.mkstemp(prefix=name, suffix=suffix, dir=base)
+        hidden = Path(tempfile.mkdtemp(prefix=f".{name}", dir=base))
     except OSError as exc:
         raise QeraError(f"cannot create scratch in {base}: {exc.strerror or exc}") from None
-    os.close(fd)
-    return Path(path)
+    fd = _open_dir(hidden)
+    if fd is not None:
+        _lock(fd)
+    path = base / hidden.name[1:]
+    os.rename(hidden, path)  # the folder keeps its inode, and so its lock
+    return Scratch(path, fd)
 
 
 def recover_directory(path: str | os.PathLike) -> None:

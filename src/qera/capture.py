@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +21,10 @@ import torch
 from torch import nn
 
 from .calibration import run_model, row_mask
-from .atomic import scratch_path
+from .atomic import Scratch, scratch_dir
 from .errors import QeraError
 from .memory import format_size
+from .streaming import canonical_device
 
 log = logging.getLogger(__name__)
 plan_log = logging.getLogger("qera.plan")
@@ -151,12 +151,14 @@ class ActivationCache:
     def __init__(self, n: int, location: str, device: torch.device, offload_dir: str | os.PathLike | None = None) -> None:
         if location not in ("device", "cpu", "disk"):
             raise QeraError(f"activation cache location must be device, cpu or disk, got {location!r}")
-        self.location, self.device = location, torch.device(device)
+        self.location, self.device = location, canonical_device(device)
         self._items: list[torch.Tensor | None] = [None] * n
         self._dir: Path | None = None
+        self._scratch: Scratch | None = None
         if location == "disk":
-            base = Path(offload_dir) if offload_dir else Path(tempfile.gettempdir())
-            self._dir = scratch_path(base, "qera-activations-", directory=True)
+            self._scratch = scratch_dir(Path(offload_dir) if offload_dir else Path(tempfile.gettempdir()),
+                                        "qera-activations-")
+            self._dir = self._scratch.path
 
     def __len__(self) -> int:
         return len(self._items)
@@ -166,9 +168,10 @@ class ActivationCache:
         if self.location == "device":
             self._items[i] = t.to(self.device)
         elif self.location == "cpu":
-            if t.is_cuda:  # straight into pinned memory, in stream order: no host sync per batch (the
-                # only reader, get(), copies it back on the same stream; the pinned allocator keeps a
-                # buffer until the copies queued on it are done)
+            if t.is_cuda and t.device == self.device:  # straight into pinned memory, in stream order: no
+                # host sync per batch. Safe because the only reader, get(), copies it back to this same
+                # device on the same stream, and the pinned allocator keeps a buffer until the copies
+                # queued on it are done. From another device (or for a CPU reader) the copy blocks.
                 cpu = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                 cpu.copy_(t, non_blocking=True)
             else:
@@ -197,9 +200,9 @@ class ActivationCache:
 
     def close(self) -> None:
         self._items = [None] * len(self._items)
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        if self._scratch is not None:
+            self._scratch.remove()
+            self._scratch = self._dir = None
 
 
 @dataclass
@@ -216,16 +219,15 @@ class CapturedInputs:
     notes: list[str] = field(default_factory=list)
 
 
-def tensor_bytes(obj: Any, seen: set[tuple[str, int]] | None = None) -> int:
-    """Bytes of the distinct tensor storages inside tuples/lists/dicts/:class:`BlockCall` (shared counted once)."""
+def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes the distinct tensors inside tuples/lists/dicts/:class:`BlockCall` take once copied to a
+    device the way :func:`to_device` copies them: each tensor object once, densely."""
     seen = set() if seen is None else seen
     if torch.is_tensor(obj):
-        storage = obj.untyped_storage()
-        key = (str(obj.device), storage.data_ptr())
-        if key in seen or obj.device.type == "meta":
+        if id(obj) in seen or obj.device.type == "meta":
             return 0
-        seen.add(key)
-        return storage.nbytes()
+        seen.add(id(obj))
+        return obj.numel() * obj.element_size()
     if isinstance(obj, BlockCall):
         return tensor_bytes(obj.args, seen) + tensor_bytes(obj.kwargs, seen)
     if isinstance(obj, (tuple, list)):
@@ -237,11 +239,22 @@ def tensor_bytes(obj: Any, seen: set[tuple[str, int]] | None = None) -> int:
 
 def call_bytes(runner: nn.Module, blocks: nn.ModuleList, batches: Sequence[Mapping[str, torch.Tensor]],
                input_device: torch.device, tuple_out: bool) -> int:
-    """Device bytes the captured block calls of all ``batches`` will hold: the largest batch's calls
-    (masks grow with its size) times the number of batches — an upper bound when shapes differ."""
-    largest = max(batches, key=lambda b: int(b["input_ids"].numel()))
-    _, calls = capture_calls(runner, blocks, largest, input_device, tuple_out=tuple_out)
-    return tensor_bytes(calls) * len(batches)
+    """Device bytes the captured block calls of all ``batches`` will hold, bounded from above.
+
+    The calls of the batch with the most tokens (rotary tables grow with B·T) and of the one with the
+    largest B·T² (masks) are measured; the larger, times the number of batches.
+    """
+    def size(b: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+        ids = b["input_ids"]
+        return int(ids.numel()), int(ids.numel()) * int(ids.shape[-1])
+
+    picks = {id(max(batches, key=lambda b: size(b)[0])): None, id(max(batches, key=lambda b: size(b)[1])): None}
+    per_batch = 0
+    for b in batches:
+        if id(b) in picks:
+            _, calls = capture_calls(runner, blocks, b, input_device, tuple_out=tuple_out)
+            per_batch = max(per_batch, tensor_bytes(calls))
+    return per_batch * len(batches)
 
 
 def activation_bytes(batches: Sequence[Mapping[str, torch.Tensor]], width: int, dtype: torch.dtype) -> int:

@@ -239,8 +239,8 @@ def _stats_budget(args, model, reserve: int = 0) -> int:
 
 
 def _stats(args, model, tokenizer, kinds, targets, path=None, extra=None, reserve: int = 0):
-    """``(statistics, temporary file or None)``: from ``--stats`` (read lazily when over the budget), or
-    collected — in memory within the budget, else block by block into ``path`` or a temporary file."""
+    """``(statistics, scratch or None)``: from ``--stats`` (read lazily when over the budget), or
+    collected — in memory within the budget, else block by block into ``path`` or a scratch folder."""
     from .statistics import CalibrationStats
     from .stats_store import collect_statistics_within
 
@@ -499,7 +499,7 @@ def cmd_compare(args) -> int:
         return _compare(args, model, tok, configs, targets, stats)
     finally:
         if temp is not None:
-            temp.unlink(missing_ok=True)
+            temp.remove()
 
 
 def _compare(args, model, tok, configs, targets, stats) -> int:

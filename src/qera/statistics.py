@@ -62,16 +62,6 @@ def _device_path(rows: torch.Tensor, precision: str) -> tuple[bool, bool]:
     return defer, defer and precision == "mixed" and rows.dtype in (torch.bfloat16, torch.float16)
 
 
-def _gram_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``aᵀ b`` of bf16/fp16 matrices in float32: exact products, float32 accumulation (tensor cores on CUDA)."""
-    if a.is_cuda:
-        try:
-            return torch.mm(a.T, b, out_dtype=torch.float32)
-        except TypeError:  # torch < 2.8 has no out_dtype; below, the same exact products (bf16 ⊂ TF32)
-            pass
-    return a.to(torch.float32).T @ b.to(torch.float32)  # the same exact products (CPU tests of this path)
-
-
 def _add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += aᵀb``: inside the GEMM (no temporary) when the dtypes agree."""
     if acc.dtype == a.dtype:
@@ -81,8 +71,17 @@ def _add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _add_product_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += aᵀb`` for bf16/fp16 ``a``, ``b`` with float32 accumulation (``acc``: float32 or float64)."""
-    acc.add_(_gram_fp32(a, b))
+    """``acc += aᵀb`` for bf16/fp16 ``a``, ``b`` (rows, ·) with exact products and float32 accumulation
+    (``acc``: float32 or float64): one tensor-core GEMM on CUDA, else float32 copies of
+    :data:`CHUNK_ROWS` rows at a time (torch < 2.8 on CUDA, and the CPU tests of this path)."""
+    if a.is_cuda:
+        try:
+            acc.add_(torch.mm(a.T, b, out_dtype=torch.float32))
+            return
+        except TypeError:  # torch < 2.8 has no out_dtype; the same exact products below (bf16 ⊂ TF32)
+            pass
+    for a_rows, b_rows in zip(a.split(CHUNK_ROWS), b.split(CHUNK_ROWS)):
+        acc.add_(a_rows.to(torch.float32).T @ b_rows.to(torch.float32))
 
 
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -115,12 +114,15 @@ def _add_gram_(acc: torch.Tensor, c: torch.Tensor, add=_add_product_) -> None:
 
 
 def _mirror_lower_(acc: torch.Tensor) -> None:
-    """Fill the blocks below the diagonal of ``acc`` (d × d) from those above, as :func:`_add_gram_`
-    leaves them: ``acc`` is symmetric afterwards."""
+    """Fill the blocks below the diagonal of ``acc`` (d × d), and the lower triangles of the diagonal
+    blocks, from their mirror images above: ``acc`` is exactly symmetric afterwards."""
     d = acc.shape[0]
     cols = _gram_block(d)
-    for j in range(0, d - cols, cols):
-        acc[j + cols:, j:j + cols].copy_(acc[j:j + cols, j + cols:].T)
+    for j in range(0, d, cols):
+        diag = acc[j:j + cols, j:j + cols]  # a GEMM's own diagonal block is not bitwise symmetric
+        diag.copy_(torch.triu(diag) + torch.triu(diag, 1).T)
+        if j + cols < d:
+            acc[j + cols:, j:j + cols].copy_(acc[j:j + cols, j + cols:].T)
 
 
 def provided(kinds: Iterable[str]) -> frozenset[str]:

@@ -21,7 +21,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .atomic import check_parent, cleanup_stale, scratch_path, write_file
+from .atomic import Scratch, check_parent, cleanup_stale, scratch_dir, write_file
 from .memory import format_size
 from .statistics import CalibrationStats
 
@@ -93,12 +93,12 @@ def collect_statistics_within(
     progress: bool = True,
     device=None,
     extra: Mapping[str, str] | None = None,
-) -> tuple[CalibrationStats, Path | None]:
+) -> tuple[CalibrationStats, Scratch | None]:
     """Statistics of ``targets``: in memory if they fit ``budget``, else recorded block by block into
-    ``path`` (or a temporary file under ``workdir``) and read back lazily.
+    ``path`` (or a scratch folder under ``workdir``) and read back lazily.
 
-    Returns ``(stats, temporary_file)``; the caller removes the temporary file when done (None when
-    nothing temporary was written).
+    Returns ``(stats, scratch)``; the caller calls ``scratch.remove()`` when done with the statistics
+    (None when nothing temporary was written).
     """
     from .calibration import collect_statistics
     from .drivers.sequential import record_statistics_by_block
@@ -110,8 +110,8 @@ def collect_statistics_within(
         return collect_statistics(model, batches, list(targets), kinds, progress=progress, precision=precision), None
     temp = None
     if path is None:
-        base = Path(workdir) if workdir else Path(tempfile.gettempdir())
-        temp = path = scratch_path(base, "qera-stats-", ".safetensors")
+        temp = scratch_dir(Path(workdir) if workdir else Path(tempfile.gettempdir()), "qera-stats-")
+        path = temp.path / "stats.safetensors"
     plan_log.info("statistics need %s, over the memory budget of %s: recorded block by block into %s and read "
                   "one layer at a time", format_size(need), format_size(budget), path)
     try:
@@ -120,6 +120,6 @@ def collect_statistics_within(
                                            extra=dict(extra or {}))
     except BaseException:
         if temp is not None:
-            temp.unlink(missing_ok=True)
+            temp.remove()
         raise
     return stats, temp

@@ -40,7 +40,7 @@ def run_oneshot(ctx: DriverContext) -> None:
         _solve_all(ctx, stats, own)
     finally:
         if temp is not None:
-            temp.unlink(missing_ok=True)
+            temp.remove()
 
 
 def resident_bytes(model) -> int:
