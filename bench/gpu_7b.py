@@ -26,6 +26,7 @@ import argparse
 import json
 import resource
 import sys
+import shutil
 import tempfile
 import time
 import traceback
@@ -190,6 +191,14 @@ def main() -> None:
             sys.exit("gpu_7b: --device cuda but no CUDA GPU is available")
         device = torch.device("cuda", torch.cuda.current_device())
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="qera-gpu7b-"))
+    try:
+        _run(a, device, work)
+    finally:
+        if not a.work:  # a folder of our own: shards and outputs go with it
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(a, device: torch.device, work: Path) -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, a.vocab, (a.samples, a.seqlen), generator=g)
     batches = [{"input_ids": ids[i:i + a.batch], "attention_mask": torch.ones_like(ids[i:i + a.batch])}
