@@ -43,3 +43,7 @@ part speed && for fmt in int4:group=128 mxint4; do
   timeout 150 python3 bench/eval_speed.py --device cuda --model random:4096,11008,8 --format "$fmt" --batch 16 \
     --tokens 512 --decode 64 --repeat 3 2>"$OUT/eval_speed_${fmt//:/_}.err" | tee "$OUT/eval_speed_${fmt//:/_}.txt" | grep -v '^{'
 done
+# the table and issue 17's targets from what this call wrote (memory.jsonl and/or disk.jsonl)
+if [ -f "$OUT/memory.jsonl" ] || [ -f "$OUT/disk.jsonl" ]; then
+  python3 bench/gpu_summary.py "$OUT" | tee "$OUT/summary.md"
+fi

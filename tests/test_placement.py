@@ -103,3 +103,23 @@ def test_call_bytes_measures_the_masks_of_padded_batches():
     long["attention_mask"][0, -1] = 0
     assert tall["input_ids"].numel() > long["input_ids"].numel() and 16 * t * t > 3 * b * t * t
     assert call_bytes(model.model, blocks, [tall, long], cpu, False) >= 2 * 16 * t * t  # the (1, 1, 4T, 4T) mask bounds it
+
+
+def test_gpu_summary_checks_issue_17_targets_from_the_json_lines(tmp_path):
+    """bench/gpu_summary.py turns gpu_7b's JSON lines into the README table and the target lines:
+    a missed target says MISSED, a CPU run checks none, a failed phase is shown."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from gpu_summary import read_lines, summarize
+
+    qera = {"phase": "qera int4:group=128 qera-exact r32", "seconds": 32.5, "peak_gpu_gb": 5.73,
+            "peak_gpu_reserved_gb": 8.0, "peak_rss_gb": 18.9, "cap_gb": 24, "timings": {"record": 20.2}}
+    lc = {"phase": "llmcompressor gptq W4A16", "seconds": 157.3, "peak_gpu_gb": 16.05, "peak_rss_gb": 18.9}
+    path = tmp_path / "memory.jsonl"
+    path.write_text("loguru noise\n" + "\n".join(json.dumps(p) for p in (qera, lc)) + "\n")
+    text = summarize(read_lines(path), [{**qera, "seconds": 38.3, "peak_rss_gb": 3.1}])
+    assert "| 32.5 | 5.73 / 8.00 | 18.90 | record 20.20 |" in text and "streamed from shards" in text
+    assert "whole job ≤ 30 s: MISSED (32.5 s)" in text and "≥ 6× llm-compressor: MISSED (4.84×)" in text
+    assert "peak GPU ≤ 12 GB: met (5.73 GB)" in text and "finished under the cap: met" in text
+    cpu = summarize([{**qera, "peak_gpu_gb": None, "peak_gpu_reserved_gb": None},
+                     {"phase": "llmcompressor", "skipped": "ImportError: no llmcompressor"}])
+    assert "not checked" in cpu and "MISSED" not in cpu and "skipped: ImportError" in cpu
