@@ -105,18 +105,40 @@ def check_parent(path: Path) -> Path:
     return parent
 
 
-def _remove_dead(parent: Path, pattern: re.Pattern) -> None:
-    """Remove the entries of ``parent`` whose name matches ``pattern`` with a dead process id (group 1)."""
+def _remove_dead(parent: Path, pattern: re.Pattern, locked: bool = False) -> None:
+    """Remove the entries of ``parent`` whose name matches ``pattern`` with a dead process id (group 1).
+
+    ``locked``: the entries are folders their owner holds an ``flock`` on (scratch): a folder is
+    removed only if nobody holds it, whatever its process id says.
+    """
     if not parent.is_dir():
         return
     for entry in parent.iterdir():
         m = pattern.match(entry.name)
-        if m and not _pid_alive(int(m.group(1))):
-            log.info("removing %s, left by an interrupted run", entry)
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        if locked:
+            _remove_if_unlocked(entry)
+            continue
+        log.info("removing %s, left by an interrupted run", entry)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _remove_if_unlocked(entry: Path) -> None:
+    if entry.is_symlink() or not entry.is_dir():
+        return
+    fd = _open_dir(entry)
+    if fd is None:
+        return
+    try:
+        if _lock(fd):
+            log.info("removing %s, left by a run that died", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def cleanup_stale(path: Path) -> None:
@@ -187,20 +209,7 @@ def scratch_dir(base: str | os.PathLike, prefix: str) -> Scratch:
     except OSError as exc:
         raise QeraError(f"cannot create the scratch folder {base}: {exc.strerror or exc}") from None
     host = _host_tag()
-    pattern = re.compile(rf"^{re.escape(prefix)}{re.escape(host)}-(\d+)-")
-    for entry in base.iterdir():
-        m = pattern.match(entry.name)
-        if not m or _pid_alive(int(m.group(1))) or entry.is_symlink() or not entry.is_dir():
-            continue
-        fd = _open_dir(entry)
-        if fd is None:
-            continue
-        try:
-            if _lock(fd):
-                log.info("removing %s, left by a run that died", entry)
-                shutil.rmtree(entry, ignore_errors=True)
-        finally:
-            os.close(fd)
+    _remove_dead(base, re.compile(rf"^{re.escape(prefix)}{re.escape(host)}-(\d+)-"), locked=True)
     name = f"{prefix}{host}-{os.getpid()}-"
     try:
         hidden = Path(tempfile.mkdtemp(prefix=f".{name}", dir=base))

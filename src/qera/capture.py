@@ -244,16 +244,10 @@ def call_bytes(runner: nn.Module, blocks: nn.ModuleList, batches: Sequence[Mappi
     The calls of the batch with the most tokens (rotary tables grow with B·T) and of the one with the
     largest B·T² (masks) are measured; the larger, times the number of batches.
     """
-    def size(b: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-        ids = b["input_ids"]
-        return int(ids.numel()), int(ids.numel()) * int(ids.shape[-1])
-
-    picks = {id(max(batches, key=lambda b: size(b)[0])): None, id(max(batches, key=lambda b: size(b)[1])): None}
-    per_batch = 0
-    for b in batches:
-        if id(b) in picks:
-            _, calls = capture_calls(runner, blocks, b, input_device, tuple_out=tuple_out)
-            per_batch = max(per_batch, tensor_bytes(calls))
+    most_tokens = max(batches, key=lambda b: b["input_ids"].numel())
+    largest_mask = max(batches, key=lambda b: b["input_ids"].numel() * b["input_ids"].shape[-1])
+    per_batch = max(tensor_bytes(capture_calls(runner, blocks, b, input_device, tuple_out=tuple_out)[1])
+                    for b in {id(b): b for b in (most_tokens, largest_mask)}.values())
     return per_batch * len(batches)
 
 

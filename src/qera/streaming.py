@@ -174,13 +174,14 @@ def materialize(module: nn.Module, prefix: str, source: WeightSource, device: to
         done[id(t)] = assign_tensor(module, local, value)
     # non-persistent buffers (rotary frequencies ...) are not in the shards: built with the model, they
     # follow the block to the device
+    target = torch.device(device)
     for n, m in module.named_modules():
         for b in m._non_persistent_buffers_set:
             t = m._buffers.get(b)
             if skip and (f"{n}.{b}" if n else b).startswith(skip):
                 continue
-            if t is not None and t.device.type != "meta" and t.device != torch.device(device):
-                m._buffers[b] = t.to(device)
+            if t is not None and t.device.type != "meta" and t.device != target:
+                m._buffers[b] = t.to(target)
     return total
 
 
