@@ -20,7 +20,7 @@ import sys
 
 CHILD = r"""
 import json, sys, psutil, torch
-from qera.formats import parse_format
+from qera.core.formats import parse_format
 mode, layers, hidden, inter = sys.argv[1], *map(int, sys.argv[2:5])
 torch.manual_seed(0)
 fmt = parse_format("mxint3")
@@ -31,7 +31,7 @@ for out_f, in_f in shapes:
     W = (torch.randn(out_f, in_f) * 0.02).to(torch.bfloat16)
     packed.append((fmt.quantize(W), torch.randn(out_f, 8).half(), torch.randn(8, in_f).half()))
     del W
-from qera.memory import trim_heap
+from qera.util.memory import trim_heap
 trim_heap()
 proc = psutil.Process()
 before = proc.memory_info().rss

@@ -22,7 +22,7 @@ from _common import machine  # noqa: E402
 CHILD = r"""
 import json, os, sys, time, torch
 from qera import QuantConfig, quantize_and_save
-from qera.distributed import init_from_env
+from qera.quantize.distributed import init_from_env
 a = json.loads(sys.argv[1])
 made = init_from_env()
 g = torch.Generator().manual_seed(0)

@@ -22,8 +22,8 @@ METHODS = ["w-only", "zeroquant-v2", "loftq", "lqer", "qera-approx", "qera-exact
 CHILD = r"""
 import json, resource, sys, time, copy, torch
 from qera import QuantConfig, collect_statistics, find_targets, load_model, quantize_model
-from qera.data import calibration_batches, load_text
-from qera.pipeline import stats_kinds_for
+from qera.io.data import calibration_batches, load_text
+from qera.quantize.pipeline import stats_kinds_for
 a = json.loads(sys.argv[1])
 model, tok = load_model(a["model"])
 batches = calibration_batches(tok, load_text(None, "calibration"), a["samples"], a["seq_len"], seed=0)
@@ -57,7 +57,7 @@ print(json.dumps({"method": a["method"], "calibration_s": t_cal, "solve_replace_
 FWD = r"""
 import json, sys, time, torch
 from qera import load_model
-from qera.data import calibration_batches, load_text
+from qera.io.data import calibration_batches, load_text
 a = json.loads(sys.argv[1])
 model, tok = load_model(a["model"])
 batches = calibration_batches(tok, load_text(None, "calibration"), a["samples"], a["seq_len"], seed=0)

@@ -108,7 +108,7 @@ def main() -> None:
     modes, tok = build_modes(args, device)
     if args.ppl_windows and tok is not None:  # the fused kernel computes the same model: perplexities side by side
         from qera import perplexity
-        from qera.data import load_text
+        from qera.io.data import load_text
 
         text = load_text(args.eval_text, "evaluation")
         ppl = {k: perplexity(m, tok, text, seq_len=512, max_windows=args.ppl_windows, progress=False).perplexity

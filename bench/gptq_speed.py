@@ -21,8 +21,8 @@ from unittest import mock
 import torch
 
 from _common import machine
-from qera.formats import parse_format
-from qera.rounding import round_gptq, round_nearest
+from qera.core.formats import parse_format
+from qera.core.rounding import round_gptq, round_nearest
 
 
 def textbook_factor(R: torch.Tensor, damp: float, name=None) -> torch.Tensor:
@@ -35,8 +35,8 @@ def textbook_factor(R: torch.Tensor, damp: float, name=None) -> torch.Tensor:
 
 
 def reference(W, fmt, R):
-    with mock.patch("qera.rounding.inverse_hessian_factor", textbook_factor), \
-            mock.patch("qera.rounding._one_cpu_thread", lambda device: nullcontext()):
+    with mock.patch("qera.core.rounding.inverse_hessian_factor", textbook_factor), \
+            mock.patch("qera.core.rounding._one_cpu_thread", lambda device: nullcontext()):
         return round_gptq(W, fmt, R)
 
 

@@ -57,7 +57,7 @@ def llama_config(a):
 def random_model_in_memory(a, device: torch.device):
     """The random bf16 model in host memory, built without a float32 copy (meta → filled tensor by tensor;
     on a GPU machine the numbers are drawn on the GPU)."""
-    from qera.streaming import empty_model
+    from qera.io.lazy import empty_model
 
     model = empty_model(llama_config(a), torch.bfloat16)
     gen = torch.Generator(device).manual_seed(0)
@@ -128,7 +128,7 @@ def profile_table(prof, device: torch.device, rows: int = 30) -> str:
 def run_qera(a, model, src, batches, fmt: str, device: torch.device, work: Path, profile: str | None = None) -> float:
     """One qera job (sequential pipeline, qera-exact r32 on ``fmt``); emits its line, returns its seconds."""
     from qera import QuantConfig, find_targets, quantize_and_save, quantize_model
-    from qera.targets import replace_module
+    from qera.nn.targets import replace_module
 
     cfg = QuantConfig(format=fmt, method="qera-exact", rank=32, pipeline="sequential")
     gpu_budget = int(a.gpu_memory * 1e9) if a.gpu_memory else None

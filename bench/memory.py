@@ -51,19 +51,19 @@ def phase(module, attr, name):
         finally:
             stack.pop()
     setattr(module, attr, wrapped)
-import qera.models, qera.stats_store, qera.pipeline, qera.evaluation, qera.peft, qera.finetune, qera.analysis
-phase(qera.models, "load_model", "load")
-phase(qera.models, "load_encoder", "load")
-phase(qera.stats_store, "collect_statistics_within", "calibrate")
-phase(qera.pipeline, "quantize_model", "solve")
-phase(qera.pipeline, "quantize_and_save", "solve")
-phase(qera.peft, "prepare_qpeft_model", "solve")
-phase(qera.evaluation, "perplexity", "evaluate")
-phase(qera.finetune, "finetune_causal_lm", "train")
-phase(qera.analysis, "output_error_sweep", "sweep")
-phase(qera.analysis, "prepare_qpeft_model", "solve")  # bound at import by analysis: wrap its name there
-import qera.calibration
-phase(qera.calibration, "collect_statistics", "calibrate")  # output-error / finetune: always in memory
+import qera.io.models, qera.quantize.collect, qera.quantize.pipeline, qera.evaluate.perplexity, qera.finetune.qpeft, qera.finetune.trainer, qera.analyze.init_error
+phase(qera.io.models, "load_model", "load")
+phase(qera.io.models, "load_encoder", "load")
+phase(qera.quantize.collect, "collect_statistics_within", "calibrate")
+phase(qera.quantize.pipeline, "quantize_model", "solve")
+phase(qera.quantize.pipeline, "quantize_and_save", "solve")
+phase(qera.finetune.qpeft, "prepare_qpeft_model", "solve")
+phase(qera.evaluate.perplexity, "perplexity", "evaluate")
+phase(qera.finetune.trainer, "finetune_causal_lm", "train")
+phase(qera.analyze.init_error, "output_error_sweep", "sweep")
+phase(qera.analyze.init_error, "prepare_qpeft_model", "solve")  # bound at import by analysis: wrap its name there
+import qera.calibrate.forward
+phase(qera.calibrate.forward, "collect_statistics", "calibrate")  # output-error / finetune: always in memory
 from qera.cli import main
 t0 = time.perf_counter()
 code = main(sys.argv[1:])
@@ -106,7 +106,7 @@ def formula(command: str, g: dict[str, float], streamed: bool, base: float = 0.4
     logits: one chunk of float32 logits and its log-softmax (2 × 2^24 × 4 bytes).
     The phases do not overlap, so the largest of them counts.
 
-    output-error (``qera.analysis.output_error_sweep``): the fp model that collected the statistics
+    output-error (``qera.analyze.init_error.output_error_sweep``): the fp model that collected the statistics
     stays referenced by ``cmd_output_error`` for the whole sweep, and so do all the statistics
     (abs+sq+xtx, always in memory: ``collect_statistics`` takes no budget). On top, the largest of:
     fwd_oe: the calibration forward (8 × --calib-seq-len 128 tokens); reference: a second fp model
@@ -120,7 +120,7 @@ def formula(command: str, g: dict[str, float], streamed: bool, base: float = 0.4
     mmap-ed safetensors file, and the mapping lives while any of its tensors does (the embedding,
     the norms), so the fp linear weights' pages, read once by the solve, stay in the RSS (RssFile).
 
-    finetune (clm, ``qera.finetune.finetune_causal_lm``): ``cmd_finetune`` keeps the statistics
+    finetune (clm, ``qera.finetune.trainer.finetune_causal_lm``): ``cmd_finetune`` keeps the statistics
     (xtx only, for qera-exact) referenced through training. Largest of: fwd_oe (calibration
     forward); solve + packed (quantizing in place); training: the packed base plus its dense
     W̃ + BA cache (``cache_base=True``: + packed + dense, on top of the fp weights, which stay
@@ -174,9 +174,9 @@ def sizes(model: str) -> dict[str, float]:
     RMSNorm rsqrt). The frozen QERALinear bases save nothing but their cached weight.
     """
     import torch
-    from qera.models import convert_gguf, resolve_source
-    from qera.streaming import empty_model
-    from qera.targets import find_targets, linear_shape
+    from qera.io.models import convert_gguf, resolve_source
+    from qera.io.lazy import empty_model
+    from qera.nn.targets import find_targets, linear_shape
     from transformers import AutoConfig
 
     where = resolve_source(model)

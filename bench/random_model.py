@@ -102,7 +102,7 @@ def write_random_model(out: str | Path, config, seed: int = 0, shard_bytes: int 
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from qera.streaming import empty_model
+    from qera.io.lazy import empty_model
     from tiny import byte_tokenizer
 
     out = Path(out)

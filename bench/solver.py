@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, timed  # noqa: E402
 
 from qera import SolverOptions, weighted_lowrank  # noqa: E402
-from qera.formats import quantize_weight  # noqa: E402
-from qera.linalg import lowrank_objective, optimal_objective  # noqa: E402
+from qera.core.formats import quantize_weight  # noqa: E402
+from qera.core.linalg import lowrank_objective, optimal_objective  # noqa: E402
 
 SHAPES = ["576x576", "2048x2048", "4096x4096", "2048x8192", "8192x2048"]  # out x in
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qera import QuantConfig, QuantReport, find_targets, load_model, perplexity, quantize_model
-from qera.data import calibration_batches, load_text
-from qera.targets import replace_module
+from qera.io.data import calibration_batches, load_text
+from qera.nn.targets import replace_module
 
 DATA = Path(os.environ.get("QERA_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

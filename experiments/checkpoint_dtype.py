@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _protocol import DATA  # noqa: E402
 
 from qera import QuantConfig, load_model, load_quantized, perplexity, quantize_model, save_quantized  # noqa: E402
-from qera.data import load_text  # noqa: E402
+from qera.io.data import load_text  # noqa: E402
 
 
 def dir_bytes(p: Path) -> int:

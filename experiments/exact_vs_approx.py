@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _protocol import DATA  # noqa: E402
 
 from qera import QuantConfig, find_targets, load_model, perplexity, quantize_model  # noqa: E402
-from qera.calibration import collect_statistics  # noqa: E402
-from qera.data import bos_id, calibration_batches, load_text, prepend_bos  # noqa: E402
-from qera.targets import replace_module  # noqa: E402
+from qera.calibrate.forward import collect_statistics  # noqa: E402
+from qera.io.data import bos_id, calibration_batches, load_text, prepend_bos  # noqa: E402
+from qera.nn.targets import replace_module  # noqa: E402
 
 GROUPS = {"qkv": [r"\.(q|k|v)_proj$"], "o": [r"\.o_proj$"], "gateup": [r"\.(gate|up)_proj$"],
           "down": [r"\.down_proj$"]}

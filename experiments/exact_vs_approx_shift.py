@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _protocol import DATA  # noqa: E402
 
 from qera import find_targets, load_model  # noqa: E402
-from qera.calibration import collect_statistics  # noqa: E402
-from qera.data import calibration_batches, load_text  # noqa: E402
-from qera.formats import quantize_weight  # noqa: E402
-from qera.linalg import weighted_error, weighted_lowrank  # noqa: E402
+from qera.calibrate.forward import collect_statistics  # noqa: E402
+from qera.io.data import calibration_batches, load_text  # noqa: E402
+from qera.core.formats import quantize_weight  # noqa: E402
+from qera.core.linalg import weighted_error, weighted_lowrank  # noqa: E402
 
 
 @torch.no_grad()

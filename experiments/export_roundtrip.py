@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from _protocol import DATA
-from qera import QuantConfig, export, load_model, load_quantized, perplexity, quantize_and_save
-from qera.atomic import write_json
-from qera.data import calibration_batches, load_text, tokenize
+from qera import QuantConfig, load_model, load_quantized, perplexity, quantize_and_save
+from qera import export
+from qera.util.atomic import write_json
+from qera.io.data import calibration_batches, load_text, tokenize
 
 
 def dir_bytes(path: Path) -> int:

@@ -18,10 +18,10 @@ import torch
 
 from _protocol import DATA
 from qera import CalibrationStats, collect_statistics, find_targets, load_model
-from qera.data import load_text, tokenize
-from qera.formats import parse_format
-from qera.layer import output_errors
-from qera.rounding import ROUNDINGS
+from qera.io.data import load_text, tokenize
+from qera.core.formats import parse_format
+from qera.quantize.layer import output_errors
+from qera.core.rounding import ROUNDINGS
 
 
 def output_error(D: torch.Tensor, R: torch.Tensor) -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from _protocol import Protocol
 from qera import CalibrationStats, QuantConfig, collect_statistics, find_targets
-from qera.atomic import write_json
+from qera.util.atomic import write_json
 
 DEFAULT_RUNS = ",".join([
     "qera-exact:rtn:mxint3:b8:output", "qera-exact:rtn:mxint3:b8:error", "qera-exact:rtn:mxint3:b8:none",
@@ -56,7 +56,7 @@ def parse_run(spec: str) -> tuple[QuantConfig, dict]:
 def cache_sensitivity(path: Path) -> None:
     """Every run here uses the same fp model and calibration windows, so the loss-gradient pass of
     the fisher normalization is the same each time: compute it once and keep it in ``path``."""
-    import qera.drivers.oneshot as oneshot
+    import qera.quantize.drivers.oneshot as oneshot
 
     compute = oneshot.output_sensitivity
 
@@ -74,8 +74,8 @@ def cache_fisher(path: Path) -> None:
     """The same for the per-output-channel squared gradients of ``output_weight="fisher"`` (safetensors)."""
     from safetensors.torch import load_file, save_file
 
-    import qera.sensitivity as sensitivity
-    from qera.atomic import write_file
+    import qera.calibrate.sensitivity as sensitivity
+    from qera.util.atomic import write_file
 
     compute = sensitivity.output_fisher
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from _protocol import Protocol
 from qera import QuantConfig, collect_statistics, find_targets
-from qera.atomic import write_json
+from qera.util.atomic import write_json
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from qera.plots import plot_seed_curves
+from qera.evaluate.plots import plot_seed_curves
 
 
 def main(root: str) -> None:

@@ -39,7 +39,7 @@ def tok():
 @pytest.fixture(scope="module")
 def batches(tok):
     """12 windows of 48 tokens of the tiny text, in batches of 4."""
-    from qera.data import calibration_batches
+    from qera.io.data import calibration_batches
     from tiny import TEXT
 
     return calibration_batches(tok, TEXT, n_samples=12, seq_len=48, seed=0, batch_size=4)

@@ -3,7 +3,7 @@
 import torch
 
 from qera import QERALinear, QuantConfig, load_quantized, parse_format, quantize_model, save_quantized
-from qera.activations import fake_quantize_activations
+from qera.nn.activations import fake_quantize_activations
 
 
 def test_fake_quantization_is_the_formats_rounding_per_row():

@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from qera import QeraError, QuantConfig, collect_statistics, load_quantized, quantize_model, save_quantized
-from qera.allocation import ErrorCurve, allocate_ranks, budget_params
-from qera.linalg import error_spectrum, metric_energy, optimal_objective, weighted_error, weighted_lowrank
-from qera.methods import get_method
+from qera.core.allocation import ErrorCurve, allocate_ranks, budget_params
+from qera.core.linalg import (
+    error_spectrum,
+    metric_energy,
+    optimal_objective,
+    weighted_error,
+    weighted_lowrank,
+)
+from qera.core.methods import get_method
 from tiny import direct_output_gradients, tiny_llama
 
 ALL = ("abs", "sq", "xtx")
@@ -26,7 +32,7 @@ def _curve(name, gains, cost, energy=1.0, fixed=None):
 
 
 def _total_error(curves, ranks, normalize="output"):
-    from qera.allocation import NORMALIZERS
+    from qera.core.allocation import NORMALIZERS
 
     return sum(c.error_at(ranks[c.name]) / NORMALIZERS.get(normalize)(c) for c in curves)
 
@@ -129,7 +135,7 @@ def test_allocated_model_beats_uniform_at_the_same_budget(stats):
     q = get_method("qera-exact", exact=True)
     fmt_layer = next(l for l in alloc.layers if l.rank > 0)
     W = model.get_submodule(fmt_layer.name).weight.detach()
-    from qera.formats import parse_format
+    from qera.core.formats import parse_format
 
     D = W - parse_format("mxint3").quantize(W).dequantize(torch.float32)
     _, R = q.metric(stats[fmt_layer.name])
@@ -191,7 +197,7 @@ def test_output_sensitivity_equals_direct_autograd(batches):
     """E‖∂L/∂y‖²/out per layer, against torch.autograd.grad on the captured outputs; no weight
     gradients are made, requires_grad flags and hooks are put back."""
     from qera import find_targets
-    from qera.sensitivity import output_sensitivity
+    from qera.calibrate.sensitivity import output_sensitivity
 
     model = tiny_llama()
     targets = find_targets(model)

@@ -9,15 +9,20 @@ import pytest
 import torch
 
 from qera.analyze import (
-    normalized_autocorrelation, offdiag_share, prefix_statistics, spearman, split_windows,
-    truncate_result, truncated_output_errors,
+    normalized_autocorrelation,
+    offdiag_share,
+    prefix_statistics,
+    spearman,
+    split_windows,
+    truncate_result,
+    truncated_output_errors,
 )
 from qera.analyze.autocorr import approx_exact_gap, downsample, offdiag_rms
 from qera.analyze.calib_size import crossing
 from qera.analyze.common import bits_per_weight, parse_int_list, type_group
 from qera.cli import main
-from qera.errors import QeraError
-from qera.linalg import SolverOptions, optimal_objective, weighted_error, weighted_lowrank
+from qera.util.errors import QeraError
+from qera.core.linalg import SolverOptions, optimal_objective, weighted_error, weighted_lowrank
 
 # -- pure functions ------------------------------------------------------------------------------
 
@@ -90,7 +95,7 @@ def test_truncated_layer_solve_equals_direct(model_dir):
     """Through the per-layer step (methods, RTN W̃): a rank-8 solve sliced to 2 and 4 equals solving at 2 and 4."""
     from qera import QuantConfig, collect_statistics, find_targets, load_model
     from qera.analyze import solve_layers
-    from qera.data import calibration_batches
+    from qera.io.data import calibration_batches
     from tiny import TEXT
 
     model, tok = load_model(str(model_dir))
@@ -125,7 +130,7 @@ def test_gap_is_nonnegative_and_zero_for_diagonal_R():
 
 def test_prefix_statistics_equal_separately_collected(model_dir):
     from qera import collect_statistics, find_targets, load_model
-    from qera.data import calibration_batches
+    from qera.io.data import calibration_batches
     from tiny import TEXT
 
     model, tok = load_model(str(model_dir))
@@ -226,8 +231,8 @@ def test_cli_bad_input(capsys, model_dir, argv, message):
 
 
 def test_eval_prefix_keeps_the_evaluated_tokens(tok):
-    from qera.analyze.cli import eval_prefix
-    from qera.data import tokenize
+    from qera.cli.analyze import eval_prefix
+    from qera.io.data import tokenize
     from tiny import TEXT
 
     p = eval_prefix(tok, TEXT, 32, 3)

@@ -5,7 +5,15 @@ import copy
 import pytest
 import torch
 
-from qera import QERALinear, QuantConfig, find_targets, load_quantized, quantize_and_save, quantize_model, save_quantized
+from qera import (
+    QERALinear,
+    QuantConfig,
+    find_targets,
+    load_quantized,
+    quantize_and_save,
+    quantize_model,
+    save_quantized,
+)
 
 T = pytest.importorskip("transformers")
 

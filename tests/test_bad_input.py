@@ -12,10 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from qera import ActivationStats, QERALinear, QeraError, QuantConfig, load_quantized, quantize_model, save_quantized
-from qera.checkpoint import read_qera_config
+from qera import (
+    ActivationStats,
+    QERALinear,
+    QeraError,
+    QuantConfig,
+    load_quantized,
+    quantize_model,
+    save_quantized,
+)
+from qera.io.checkpoint import read_qera_config
 from qera.cli import main
-from qera.data import calibration_batches
+from qera.io.data import calibration_batches
 from tiny import TEXT, byte_tokenizer, tiny_llama
 
 
@@ -60,6 +68,7 @@ def broken(checkpoint, tmp_path, edit):
     (["compare", "{model}", "--settings", "mxint4"], "FORMAT@RANK"),
     (["compare", "{model}", "--settings", "mxint4@x"], "FORMAT@RANK"),
     (["compare", "{model}", "--methods", ","], "--methods is empty"),
+    (["compare", "{model}", "--settings", "mxint99@4"], "--settings: mxint: bits must be an integer in 2..8, got 99"),
     (["eval", "{model}", "--max-windows", "-1"], "--max-windows"),
     (["eval", "{model}", "--seq-len", "1"], "--seq-len"),
     (["quantize", "{model}", "--calib-samples", "0", "--out", "{tmp}/q"], "--calib-samples"),
@@ -82,6 +91,32 @@ def test_arguments(tmp_path, capsys, model_dir, text_file, argv, needle):
     argv = [a.format(model=model_dir, tmp=tmp_path, text=text_file, file=f) for a in argv]
     one_line_error(capsys, argv, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing half-written
+
+
+@pytest.mark.parametrize("command", ["quantize", "calibrate"])
+@pytest.mark.parametrize("below", [False, True])
+def test_offload_dir_that_is_a_file(tmp_path, capsys, monkeypatch, model_dir, text_file, command, below):
+    """Refused up front, even when nothing would be offloaded (a tiny model never spills to disk)."""
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    monkeypatch.setattr("qera.io.models.load_model", lambda *a, **k: pytest.fail("model loaded before the check"))
+    argv = [command, model_dir, "--offload-dir", f / "sub" if below else f, "--calib-text", text_file,
+            "--calib-samples", "2", "--calib-seq-len", "16", "--out", tmp_path / "o"]
+    one_line_error(capsys, argv, f"--offload-dir: {f} is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"] and f.read_text() == "x"
+
+
+@pytest.mark.parametrize("field,flag", [("act_format", "--act-format"), ("format", "--format")])
+@pytest.mark.parametrize("spec,needle", [("mxint99", "mxint: bits must be an integer in 2..8, got 99"),
+                                         ("bogus", "cannot parse format 'bogus'")])
+def test_bad_format_names_its_field(tmp_path, capsys, model_dir, field, flag, spec, needle):
+    """The format's own message names only its family; the config field (the CLI: the option) comes first."""
+    with pytest.raises(QeraError) as exc:
+        QuantConfig(**{field: spec})
+    assert str(exc.value).startswith(f"{field}: {needle}")
+    line = one_line_error(capsys, ["quantize", model_dir, flag, spec, "--out", tmp_path / "q"], f"{flag}: {needle}")
+    assert line.startswith(f"qera quantize: error: {flag}: ")
+    assert not (tmp_path / "q").exists()
 
 
 # -- broken or foreign checkpoints ----------------------------------------------------------------
@@ -119,6 +154,11 @@ def _edit_hf_config(d):
     (_edit_meta(lambda m: _first(m).pop("rank")), "lacks ['rank']", True),
     (_edit_meta(lambda m: _first(m).update(weight_dtype="float99")), "unknown weight_dtype", True),
     (_edit_meta(lambda m: m.update(quant_config={"format": "mxint3", "bogus": 1})), "bogus", True),
+    (_edit_meta(lambda m: m.update(quant_config={"format": "mxint3", "act_format": "mxint99"})),
+     "bad quant_config: act_format: mxint: bits must be an integer in 2..8, got 99", True),
+    (_edit_meta(lambda m: m.pop("layers")), "qera_config.json lacks the required key(s) ['layers']", True),
+    (_edit_meta(lambda m: m.pop("bits")), "qera_config.json lacks the required key(s) ['bits']", True),
+    (_edit_meta(lambda m: m["bits"].pop("bits_total")), "qera_config.json: 'bits' must be an object", True),
     (_edit_meta(lambda m: m.update(tied={"lm_head.weight": "nowhere"})), "points to nowhere", False),
     (_edit_hf_config, "config.json", False),
     (lambda d: (d / "qera_config.json").write_text("{not json"), "qera_config.json is not valid JSON", True),
@@ -187,7 +227,7 @@ def test_broken_statistics(tmp_path, capsys, model_dir, stats_file, fn, needle):
 
 def test_load_qpeft_without_adapter_weights(tmp_path):
     pytest.importorskip("peft")
-    from qera.peft import QPEFTConfig, load_qpeft, prepare_qpeft_model, save_qpeft
+    from qera.finetune.qpeft import QPEFTConfig, load_qpeft, prepare_qpeft_model, save_qpeft
 
     pm, _ = prepare_qpeft_model(tiny_llama(), QPEFTConfig(init="qlora", rank=2), progress=False)
     save_qpeft(pm, byte_tokenizer(), tmp_path / "q")
@@ -253,7 +293,7 @@ def _quantized():
 
 def test_overwrite_without_exchange_recovers_the_old_checkpoint(tmp_path, monkeypatch):
     """Killed between the two renames of the fallback overwrite: the loader puts the old one back."""
-    from qera import atomic
+    from qera.util import atomic
 
     old_model = _quantized()
     save_quantized(old_model, None, tmp_path / "ck")
@@ -291,7 +331,7 @@ def test_overwrite_is_an_exchange(tmp_path):
 
 def test_racing_runs_never_replace_each_other(tmp_path, monkeypatch):
     """The target appears while this run writes it: the run fails, the other run's output stays."""
-    from qera import atomic
+    from qera.util import atomic
 
     real = atomic._fsync_tree
 
@@ -323,10 +363,10 @@ def test_scratch_of_a_killed_run_is_removed_by_the_next_one(tmp_path, monkeypatc
     import subprocess
     import sys
 
-    from qera import atomic
-    from qera.atomic import _host_tag, scratch_dir
+    from qera.util import atomic
+    from qera.util.atomic import _host_tag, scratch_dir
 
-    child = ("import sys; from qera.atomic import scratch_dir; "
+    child = ("import sys; from qera.util.atomic import scratch_dir; "
              "s = scratch_dir(sys.argv[1], 'qera-stats-'); (s.path / 'stats.safetensors').write_bytes(b'x'); print(s.path); "
              "a = scratch_dir(sys.argv[1], 'qera-activations-'); (a.path / '0.safetensors').write_bytes(b'x')")
     out = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, check=True)

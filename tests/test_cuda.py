@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from qera import ActivationStats, QuantConfig, SolverOptions, quantize_model, quantize_weight, weighted_lowrank
-from qera.linalg import lowrank_objective, optimal_objective
+from qera import (
+    ActivationStats,
+    QuantConfig,
+    SolverOptions,
+    quantize_model,
+    quantize_weight,
+    weighted_lowrank,
+)
+from qera.core.linalg import lowrank_objective, optimal_objective
 
 from conftest import correlated_inputs
 
@@ -23,7 +30,7 @@ def test_statistics_accumulate_on_device():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_masked_statistics_on_device_equal_dropping_the_rows(dtype, monkeypatch):
-    import qera.statistics as S
+    import qera.core.statistics as S
 
     monkeypatch.setattr(S, "XTX_BLOCK_ELEMS", 256 * 512)  # Σxᵀx formed in two blocks of 256 rows
     x = correlated_inputs(4 * 512, 512, seed=5).view(4, 512, 512).to(dtype)
@@ -65,7 +72,7 @@ def test_tensor_core_statistics_lose_nothing():
     """bf16 activations on the GPU take the tensor-core path (float32 accumulation); with 1000x outlier
     and nearly collinear channels the qera-exact objective matches float64 sums to 1e-6 relative."""
     from qera import reconstruct
-    from qera.linalg import lowrank_objective
+    from qera.core.linalg import lowrank_objective
 
     g = torch.Generator().manual_seed(0)
     n, d = 12000, 192
@@ -125,7 +132,7 @@ def test_failed_gpu_run_puts_the_cpu_layers_back(monkeypatch):
     """A run that fails in block 1 on the GPU leaves the model as it was: fp layers, on the CPU, same values."""
     from tiny import tiny_llama
 
-    from qera import layer
+    from qera.quantize import layer
 
     model = tiny_llama()
     ref = {k: v.clone() for k, v in model.state_dict().items()}
@@ -171,7 +178,7 @@ def test_gpu_statistics_defer_checks_and_fold_pending_sums():
 def test_fused_int4_kernel_on_gpu_matches_dequantizing(fmt):
     """PyTorch's CUDA int4 GEMM (tile layout of the GPU, bf16) computes the layer qera decodes."""
     from qera import QERALinear
-    from qera.methods import Reconstruction
+    from qera.core.methods import Reconstruction
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(256, 512, generator=g) * 0.05
@@ -190,7 +197,7 @@ def test_fused_int4_kernel_on_gpu_matches_dequantizing(fmt):
 
 
 def test_float32_accumulation_inside_the_gemm_adds_in_place_or_declines():
-    from qera.statistics import _addmm_fp32_
+    from qera.core.statistics import _addmm_fp32_
 
     a = torch.randn(300, 64, generator=torch.Generator().manual_seed(0)).to("cuda", torch.bfloat16)
     acc = torch.randn(64, 64, generator=torch.Generator().manual_seed(1)).cuda()
@@ -212,7 +219,7 @@ def test_float32_accumulation_inside_the_gemm_adds_in_place_or_declines():
 def test_activations_in_pinned_host_memory_round_trip():
     """Block inputs kept in host memory go there by non-blocking copies into pinned buffers: read,
     computed on and written back in place over several blocks, they stay exact."""
-    from qera.capture import ActivationCache
+    from qera.calibrate.capture import ActivationCache
 
     cache = ActivationCache(3, "cpu", torch.device("cuda"))
     xs = [torch.randn(2, 64, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3)]

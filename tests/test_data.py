@@ -5,9 +5,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from qera.data import bos_id, calibration_batches, tokenize  # noqa: E402
-from qera.errors import QeraError  # noqa: E402
-from qera.evaluation import perplexity  # noqa: E402
+from qera.io.data import bos_id, calibration_batches, tokenize  # noqa: E402
+from qera.util.errors import QeraError  # noqa: E402
+from qera.evaluate.perplexity import perplexity  # noqa: E402
 
 from tiny import byte_tokenizer, tiny_llama  # noqa: E402
 

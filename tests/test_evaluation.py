@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from qera import evaluation
-from qera.evaluation import ChunkedHead, perplexity
+from qera.evaluate import perplexity as evaluation
+from qera.evaluate.perplexity import ChunkedHead, perplexity
 from test_architectures import build
 from tiny import TEXT, byte_tokenizer
 

@@ -11,8 +11,17 @@ pytest.importorskip("peft")
 # transformers notes that the checkpoint's own quantization_config wins except for `dequantize`: intended here
 pytestmark = pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
 
-from qera import QERALinear, QeraError, QuantConfig, export, load_quantized, quantize_model, quantize_weight, save_quantized  # noqa: E402
-from qera.export import lora_adapter, pack_int32, to_pack_quantized  # noqa: E402
+from qera import (
+    QERALinear,
+    QeraError,
+    QuantConfig,
+    load_quantized,
+    quantize_model,
+    quantize_weight,
+    save_quantized,
+)
+from qera import export  # noqa: E402
+from qera.io.export import lora_adapter, pack_int32, to_pack_quantized  # noqa: E402
 from tiny import byte_tokenizer, tiny_llama  # noqa: E402
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -7,8 +7,8 @@ import torch
 pytest.importorskip("peft")
 
 from qera.cli import main  # noqa: E402
-from qera.errors import QeraError  # noqa: E402
-from qera.glue import read_task, regression_metrics, classification_metrics  # noqa: E402
+from qera.util.errors import QeraError  # noqa: E402
+from qera.evaluate.glue import read_task, regression_metrics, classification_metrics  # noqa: E402
 from tiny import TEXT, byte_tokenizer, tiny_bert_dir, tiny_llama  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def test_finetune_clm_cli(tmp_path, capsys):
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["final"]["eval_perplexity"] < result["initial"]["eval_perplexity"]
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
-    from qera.peft import load_qpeft
+    from qera.finetune.qpeft import load_qpeft
 
     model, _ = load_qpeft(tmp_path / "run" / "model")
     ids = torch.randint(0, 256, (1, 10))
@@ -103,8 +103,8 @@ def test_output_error_cli(tmp_path, capsys):
 
 def test_loftq_sweep_matches_peft_model_at_every_iteration():
     """One LoftQ run measures each iteration count; each equals a PEFT model initialized with that many."""
-    from qera.analysis import _outputs, compare_outputs, output_error_sweep
-    from qera.peft import QPEFTConfig, prepare_qpeft_model
+    from qera.analyze.init_error import _outputs, compare_outputs, output_error_sweep
+    from qera.finetune.qpeft import QPEFTConfig, prepare_qpeft_model
 
     load = lambda: tiny_llama(seed=0)  # noqa: E731
     g = torch.Generator().manual_seed(0)
@@ -120,7 +120,7 @@ def test_loftq_sweep_matches_peft_model_at_every_iteration():
 
 
 def test_seed_curves_average_over_seeds(tmp_path):
-    from qera.plots import _mean_std, plot_seed_curves
+    from qera.evaluate.plots import _mean_std, plot_seed_curves
 
     steps, mean, std = _mean_std([[(0, 1.0), (10, 3.0)], [(0, 3.0), (10, 5.0), (20, 9.0)]])
     assert steps == [0, 10] and mean == [2.0, 4.0] and std == [1.0, 1.0]  # step 20 is not in every run

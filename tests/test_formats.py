@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from qera import FORMATS, QeraError, parse_format, quantize_weight
-from qera.formats import pack_bits, unpack_bits
-from qera.formats.mxint import EXP_BIAS
-from qera.formats.normalfloat import nf_levels
+from qera.core.formats import pack_bits, unpack_bits
+from qera.core.formats.mxint import EXP_BIAS
+from qera.core.formats.normalfloat import nf_levels
 
 SPECS = [
     "mxint2", "mxint3", "mxint4", "mxint8", "mxint3:block=16",

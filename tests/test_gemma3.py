@@ -22,7 +22,7 @@ def gemma3():
 
 
 def test_alias_loads_gemma3_with_its_bos_convention(gemma3):
-    from qera.data import bos_id, calibration_batches, load_text
+    from qera.io.data import bos_id, calibration_batches, load_text
 
     model, tok = gemma3
     assert model.config.model_type.startswith("gemma3")
@@ -36,8 +36,8 @@ def test_bos_calibration_fits_what_inference_sees(gemma3):
     """Issue 15 on real activations, a few layers: scored on the BOS-first inputs the model sees at
     inference, qera-exact fitted on BOS-first windows is never worse than fitted on windows without BOS."""
     from qera import collect_statistics, quantize_weight, reconstruct
-    from qera.data import calibration_batches, load_text
-    from qera.linalg import lowrank_objective
+    from qera.io.data import calibration_batches, load_text
+    from qera.core.linalg import lowrank_objective
 
     model, tok = gemma3
     text = load_text(None, "calibration")

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from qera import QuantConfig, quantize_model
-from qera.errors import QeraError
-from qera.evaluation import rolling_loglikelihood, rolling_windows
-from qera.harness import TEXT_TASK, run_harness, split_documents
+from qera.util.errors import QeraError
+from qera.evaluate.perplexity import rolling_loglikelihood, rolling_windows
+from qera.evaluate.harness import TEXT_TASK, run_harness, split_documents
 
 PARAGRAPHS = [
     ("Quantization maps each weight to one of a few levels; the error left behind has structure. " * k).strip()

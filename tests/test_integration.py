@@ -22,7 +22,7 @@ def test_qera_exact_beats_w_only_on_smollm2(smollm2):
     import copy
 
     from qera import QuantConfig, collect_statistics, perplexity, quantize_model
-    from qera.data import calibration_batches, load_text
+    from qera.io.data import calibration_batches, load_text
 
     model, tok = smollm2
     calib = calibration_batches(tok, load_text(None, "calibration"), n_samples=8, seq_len=128, seed=0)
@@ -45,8 +45,8 @@ def test_mixed_precision_statistics_on_real_activations(smollm2):
     import torch
 
     from qera import collect_statistics, quantize_weight, reconstruct
-    from qera.data import calibration_batches, load_text
-    from qera.linalg import lowrank_objective
+    from qera.io.data import calibration_batches, load_text
+    from qera.core.linalg import lowrank_objective
 
     model, tok = smollm2
     bf16 = copy.deepcopy(model).to(torch.bfloat16)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from qera import QERALinear, QeraError, prepare_inference, quantize_model, QuantConfig, quantize_weight
-from qera.kernels import int4_operands, unsupported
-from qera.methods import Reconstruction
+from qera.nn.kernels import int4_operands, unsupported
+from qera.core.methods import Reconstruction
 
 FORMATS = ["int4:group=32", "int4", "int4:group=64:asym", "mxint4", "int4:group=256"]
 
@@ -104,7 +104,7 @@ def test_prepared_layer_reads_as_having_no_dense_weight():
 
 
 def test_releasing_a_prepared_layer_frees_its_kernel_copy():
-    from qera.streaming import release
+    from qera.io.lazy import release
 
     layer = _layer("mxint4")
     layer.use_kernel(torch.bfloat16)

@@ -6,10 +6,10 @@ import torch
 
 from conftest import correlated_inputs
 from qera import QeraError, QuantConfig, collect_statistics, find_targets, quantize_model
-from qera.formats import parse_format
-from qera.linalg import output_sqrt, weighted_error
-from qera.methods import get_method
-from qera.statistics import ActivationStats
+from qera.core.formats import parse_format
+from qera.core.linalg import output_sqrt, weighted_error
+from qera.core.methods import get_method
+from qera.core.statistics import ActivationStats
 from tiny import direct_output_gradients, tiny_llama
 
 
@@ -68,7 +68,7 @@ def test_weighted_qera_iter_never_worse_than_weighted_qera_exact(rounding):
     W, stats, w = _layer(5)
     fmt = parse_format("mxint3")
     R = stats.autocorrelation(torch.float64)
-    from qera.rounding import ROUNDINGS
+    from qera.core.rounding import ROUNDINGS
 
     q = ROUNDINGS.get(rounding)(W, fmt, R)
     exact = get_method("qera-exact", exact=True).solve(W, q, 4, stats, fmt, out_metric=w)
@@ -141,7 +141,7 @@ def test_full_output_metric_is_the_kfac_optimum(seed):
 def test_output_fisher_equals_direct_autograd(batches):
     """Per output channel E[(∂L/∂y_j)²] against torch.autograd.grad on the captured outputs; the
     per-layer sensitivity is its mean."""
-    from qera.sensitivity import output_fisher, output_sensitivity
+    from qera.calibrate.sensitivity import output_fisher, output_sensitivity
 
     model = tiny_llama()
     targets = find_targets(model)
@@ -228,7 +228,7 @@ def test_output_weight_in_the_sequential_pipeline(batches):
 
 
 def test_kfac_refuses_matrices_over_the_memory_budget(batches, monkeypatch):
-    from qera.sensitivity import output_fisher
+    from qera.calibrate.sensitivity import output_fisher
 
     model = tiny_llama()
     monkeypatch.setenv("QERA_MAX_MEMORY", "64KiB")  # the tiny model's q/k/v/o/gate/up/down need ~0.5 MiB

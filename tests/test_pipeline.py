@@ -7,8 +7,15 @@ import torch
 from safetensors import safe_open
 
 from qera import (
-    QERALinear, QeraError, QuantConfig, collect_statistics, find_targets, load_quantized, perplexity,
-    quantize_model, save_quantized,
+    QERALinear,
+    QeraError,
+    QuantConfig,
+    collect_statistics,
+    find_targets,
+    load_quantized,
+    perplexity,
+    quantize_model,
+    save_quantized,
 )
 from tiny import TEXT, right_padded, tiny_llama
 
@@ -86,7 +93,7 @@ def test_quantize_save_load_identical_logits(tmp_path, tok, stats, method):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, back(ids).logits)
     assert tok2(TEXT[:50])["input_ids"] == tok(TEXT[:50])["input_ids"]
-    from qera.checkpoint import read_qera_config
+    from qera.io.checkpoint import read_qera_config
 
     assert QuantConfig.from_dict(read_qera_config(tmp_path / "ck")["quant_config"]) == cfg
     for l in report.layers:
@@ -148,13 +155,13 @@ def test_config_json_round_trip_and_validation():
 def test_missing_calibration_and_rank_too_large(stats):
     with pytest.raises(QeraError, match="needs calibration"):
         quantize_model(tiny_llama(), QuantConfig(method="qera-exact"), progress=False)
-    with pytest.raises(QeraError, match=r"rank must be an integer in 1\.\.64.*layer model\.layers\.0"):
+    with pytest.raises(QeraError, match=r"rank must be an integer in 0\.\.64.*layer model\.layers\.0"):
         quantize_model(tiny_llama(), QuantConfig(method="zeroquant-v2", rank=65), progress=False)
     lacking = copy.copy(stats)
     lacking.stats = {k: v for k, v in stats.stats.items()}
     with pytest.raises(QeraError, match="lack"):
-        from qera.calibration import CalibrationStats
-        from qera.statistics import ActivationStats
+        from qera.calibrate.forward import CalibrationStats
+        from qera.core.statistics import ActivationStats
 
         only_sq = CalibrationStats({k: ActivationStats(v.dim, {"sq"}, k) for k, v in stats.stats.items()}, stats.groups)
         quantize_model(tiny_llama(), QuantConfig(method="qera-exact"), stats=only_sq, progress=False)
@@ -167,7 +174,7 @@ def test_unquantized_weights_stored_in_bf16(tmp_path, tok):
 
     from safetensors import safe_open
 
-    from qera.checkpoint import read_qera_config
+    from qera.io.checkpoint import read_qera_config
 
     model = tiny_llama()
     quantize_model(model, QuantConfig(format="mxint4", method="zeroquant-v2", rank=4), progress=False)
@@ -207,7 +214,7 @@ def test_save_is_atomic_and_refuses_existing(tmp_path, tok, monkeypatch):
     save_quantized(model, tok, tmp_path / "ck")
     with pytest.raises(QeraError, match="already exists"):
         save_quantized(model, tok, tmp_path / "ck")
-    from qera.checkpoint import files
+    from qera.io.checkpoint import files
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -222,7 +229,7 @@ def test_save_is_atomic_and_refuses_existing(tmp_path, tok, monkeypatch):
 
 
 def test_stats_save_load_reuse(tmp_path, stats):
-    from qera.calibration import CalibrationStats
+    from qera.calibrate.forward import CalibrationStats
 
     stats.save(tmp_path / "s.safetensors")
     back = CalibrationStats.load(tmp_path / "s.safetensors")
@@ -284,7 +291,7 @@ def test_merged_and_separate_lowrank_forward_agree(stats):
 def test_report_counts_dead_channels_and_keeps_the_spectrum(batches):
     """A zero RMSNorm weight kills one input channel of q/k/v in block 0: the report says so, and
     the spectrum (off by default) is kept when asked."""
-    from qera.report_render import coverage_lines
+    from qera.evaluate.render import coverage_lines
 
     model = tiny_llama()
     with torch.no_grad():
@@ -299,3 +306,27 @@ def test_report_counts_dead_channels_and_keeps_the_spectrum(batches):
     off = quantize_model(tiny_llama(), QuantConfig(format="mxint3", method="qera-approx", rank=4),
                          calibration=batches, report_output_error=True, progress=False)
     assert all(l.spectrum is None and l.dead_channels == 0 for l in off.layers)
+
+
+def test_singular_autocorrelations_are_summed_up_in_one_warning(batches, caplog):
+    """A dead input channel makes R singular on q/k/v of block 0: the run logs one WARNING line for
+    all of them (how many layers, which kinds, why) and names each layer only at INFO (-v)."""
+    import logging
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] = 0.0
+    with caplog.at_level(logging.INFO, logger="qera"):
+        rep = quantize_model(model, QuantConfig(format="mxint3", method="qera-exact", rank=4),
+                             calibration=batches, progress=False)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "singular" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "singular on 3 of 14 layers (q_proj, k_proj, v_proj): 0 with fewer calibration tokens than input channels, 3 with input channels no token reached" in warnings[0].getMessage()
+    details = [r for r in caplog.records if r.levelno == logging.INFO and "singular" in r.getMessage()]
+    assert {r.getMessage().split()[2] for r in details} == {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
+    assert [l.name for l in rep.singular_layers()] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qera"):  # lqer never reads R: nothing to say
+        quantize_model(tiny_llama(), QuantConfig(format="mxint3", method="lqer", rank=4), calibration=batches,
+                       progress=False)
+    assert not [r for r in caplog.records if "singular" in r.getMessage()]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qera import QeraError
-from qera.placement import BlockNeeds, plan_placement
+from qera.quantize.placement import BlockNeeds, plan_placement
 
 GB = 10**9
 # a Llama-2-7B block in bf16 with 128 x 2048 calibration tokens (sizes as the driver computes them)
@@ -54,7 +54,7 @@ def test_gpu_7b_bench_smoke_on_cpu():
 
 
 def test_background_work_reraises_in_the_caller():
-    from qera.streaming import Background
+    from qera.quantize.placer import Background
 
     done = []
     Background("ok", lambda: done.append(1)).join()
@@ -84,8 +84,8 @@ def test_call_bytes_measures_the_masks_of_padded_batches():
 
     from tiny import byte_tokenizer, right_padded, tiny_llama
 
-    from qera.capture import call_bytes, tensor_bytes
-    from qera.targets import find_blocks
+    from qera.calibrate.capture import call_bytes, tensor_bytes
+    from qera.nn.targets import find_blocks
 
     model = tiny_llama()
     _, blocks = find_blocks(model, [n for n, _ in model.named_modules() if n.endswith("q_proj")])

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from qera import QeraError, QuantConfig, parse_format, quantize_model, reconstruct, round_gptq
-from qera.linalg import lowrank_objective
-from qera.rounding import round_nearest
+from qera.core.linalg import lowrank_objective
+from qera.core.rounding import round_nearest
 
 from conftest import correlated_inputs
 
@@ -37,7 +37,7 @@ def test_gptq_beats_round_to_nearest_and_stays_on_the_grid(problem, fmt):
     # parameters changes nothing, and the stored tensors have the format's shapes
     f.check_stored(g.tensors, tuple(W.shape))
     params = {k: v for k, v in g.tensors.items() if k != "codes"}
-    from qera.formats.base import as_rows
+    from qera.core.formats.base import as_rows
 
     blocks, _ = as_rows(Q, f.group_width)
     assert torch.equal(f.round_to_grid(blocks, params), blocks)
@@ -147,7 +147,7 @@ def test_qera_iter_is_never_worse_than_qera_exact(rounding):
 
 def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
     """U (one Cholesky of the reversed H and a triangular inverse) equals chol(H⁻¹, upper); dead channels get a unit diagonal."""
-    from qera.rounding import inverse_hessian_factor
+    from qera.core.rounding import inverse_hessian_factor
 
     x = correlated_inputs(500, 40, seed=3)
     x[:, 7] = 0.0  # a channel no token reached

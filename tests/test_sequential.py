@@ -1,5 +1,6 @@
 """The sequential driver: equal to one-shot, streamed from shards, resumable after a kill."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,9 +13,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qera import QERALinear, QeraError, QuantConfig, load_quantized, quantize_and_save, quantize_model, save_quantized
-from qera.checkpoint import read_qera_config
-from qera.metrics import layer_output_error
+from qera import (
+    CalibrationStats,
+    QERALinear,
+    QeraError,
+    QuantConfig,
+    load_quantized,
+    quantize_and_save,
+    quantize_model,
+    save_quantized,
+)
+from qera.io.checkpoint import read_qera_config
+from qera.core.metrics import layer_output_error
 from tiny import TEXT, byte_tokenizer, right_padded, tiny_llama
 
 HERE = Path(__file__).resolve().parent
@@ -36,6 +46,30 @@ def test_sequential_fp_equals_oneshot_bit_for_bit(batches, method):
     ids = torch.randint(0, 256, (2, 30))
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_sequential_uses_given_statistics_of_the_fp_model(batches, tmp_path):
+    """Given (one-shot) statistics drive the sequential pipeline with propagate="fp": nothing is
+    recorded, no batch is needed, and the result equals the one-shot driver's on the same statistics
+    bit for bit; propagate="quantized" refuses them with one line."""
+    from qera import collect_statistics, find_targets
+
+    cfg = QuantConfig(format="mxint3", method="qera-exact", rank=8, rounding="gptq")
+    src = tiny_llama(layers=3)
+    stats = collect_statistics(src, batches, list(find_targets(src)), ("xtx",), progress=False)
+    stats.save(tmp_path / "stats.safetensors")
+    a, b = tiny_llama(layers=3), tiny_llama(layers=3)
+    ra = quantize_model(a, cfg, stats=stats, progress=False)
+    given = CalibrationStats.load(tmp_path / "stats.safetensors", lazy=True)
+    rb = quantize_model(b, dataclasses.replace(cfg, pipeline="sequential"), stats=given, progress=False)
+    assert rb.pipeline == "sequential" and rb.calibration_tokens == stats.tokens == 576
+    assert [l.output_error_after for l in ra.layers] == [l.output_error_after for l in rb.layers]
+    ids = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+    with pytest.raises(QeraError, match="propagate='quantized'"):
+        quantize_model(tiny_llama(layers=3), dataclasses.replace(cfg, pipeline="sequential", propagate="quantized"),
+                       calibration=batches, stats=given, progress=False)
 
 
 def test_padding_is_excluded_in_sequential_too(tok):
@@ -88,7 +122,7 @@ def test_streamed_from_shards_equals_in_memory(tmp_path, batches):
     assert (src / "model.safetensors.index.json").is_file()
     cfg = QuantConfig(format="int4:group=32", method="qera-exact", rank=4, pipeline="sequential")
     seen = []
-    from qera import streaming
+    from qera.quantize import placer as streaming
 
     orig = streaming.StreamingPlacer.onload
 
@@ -98,14 +132,14 @@ def test_streamed_from_shards_equals_in_memory(tmp_path, batches):
         live = [i for i, b in enumerate(blocks) if any(p.device.type != "meta" for p in b.parameters())]
         seen.append(live)
 
-    from qera.streaming import load_model_lazy
+    from qera.io.lazy import load_model_lazy
 
     lazy, _, _ = load_model_lazy(src)
     block_list = lazy.model.layers
     assert all(p.device.type == "meta" for p in lazy.model.layers.parameters())
     streaming.StreamingPlacer.onload = onload
     try:
-        import qera.streaming as st
+        import qera.io.lazy as st
 
         real = st.load_model_lazy
         st.load_model_lazy = lambda p: (lazy, *real(p)[1:])
@@ -132,7 +166,7 @@ def test_prefetch_failure_surfaces_in_the_caller(tmp_path, batches, monkeypatch)
     """A shard read that fails in the prefetch thread raises in the run itself; no thread or output is left."""
     import threading
 
-    from qera import streaming
+    from qera.io import lazy as streaming
 
     src = save_source(tmp_path / "src")
     real = streaming.WeightSource.get
@@ -153,7 +187,7 @@ def test_prefetch_failure_surfaces_in_the_caller(tmp_path, batches, monkeypatch)
 KILL = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
-    from qera import checkpoint as ck
+    from qera.io import checkpoint as ck
     where, at = sys.argv[1], int(sys.argv[2])
     if where == "between":
         orig = ck.CheckpointWriter.add_block
@@ -163,7 +197,7 @@ KILL = textwrap.dedent("""
             return orig(self, i, *a, **k)
         ck.CheckpointWriter.add_block = add_block
     else:
-        from qera.checkpoint import writer as ckw
+        from qera.io.checkpoint import writer as ckw
         orig = ckw._save_safetensors
         def save(tensors, path):
             if path.name == f"block-{{at:05d}}.safetensors":
@@ -209,7 +243,7 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, where, at):
 def test_resume_refuses_another_configuration(tmp_path, batches):
     src = save_source(tmp_path / "src", layers=2)
     cfg = QuantConfig(format="mxint3", method="qera-exact", rank=4, pipeline="sequential")
-    from qera import checkpoint as ck
+    from qera.io import checkpoint as ck
 
     orig = ck.CheckpointWriter.add_block
 
@@ -301,9 +335,9 @@ def test_load_with_a_device_map(tmp_path):
 def test_block_calls_move_to_the_compute_device():
     """Every tensor a block is called with (rotary cos/sin, positions, masks) follows the block to the
     compute device: checked with the meta device, which needs no GPU."""
-    from qera.calibration import runner_for
-    from qera.capture import capture_calls, to_device
-    from qera.targets import find_blocks, find_targets
+    from qera.calibrate.forward import runner_for
+    from qera.calibrate.capture import capture_calls, to_device
+    from qera.nn.targets import find_blocks, find_targets
 
     model = tiny_llama()
     targets = dict(find_targets(model))
@@ -346,8 +380,8 @@ def test_sequential_writer_stores_the_requested_dtype(tmp_path, batches):
 def _as_if_on_gpu(monkeypatch):
     """Run the sequential driver's GPU code paths on the CPU: reports settled once per block,
     statistics checks deferred to the end of each block's recording."""
-    import qera.drivers.sequential as seq
-    import qera.statistics as S
+    import qera.quantize.walk as seq
+    import qera.core.statistics as S
 
     monkeypatch.setattr(seq, "_on_gpu", lambda module: True)
     monkeypatch.setattr(S, "_device_path", lambda rows, precision: (True, False))
@@ -376,7 +410,7 @@ def test_reports_settled_once_per_block_equal_per_layer(batches, monkeypatch):
 
 
 def test_a_nan_solve_found_at_settlement_leaves_the_model_unquantized(batches, monkeypatch):
-    from qera.methods.basic import ZeroQuantV2
+    from qera.core.methods.basic import ZeroQuantV2
 
     real = ZeroQuantV2.solve_error
 
@@ -403,7 +437,7 @@ def test_non_persistent_buffers_survive_a_streamed_block():
     goes back to the host on release: read again, the block computes as before."""
     from torch import nn
 
-    from qera.streaming import materialize, release
+    from qera.io.lazy import materialize, release
 
     class Block(nn.Module):
         def __init__(self):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from qera import ActivationStats, QeraError, load_stats, save_stats
-from qera.statistics import load_stats_extra
+from qera.calibrate.store import load_stats_extra
 
 from conftest import correlated_inputs
 
@@ -88,7 +88,7 @@ def test_bad_inputs_named():
 def _objective_gap(x_bf16: torch.Tensor, W: torch.Tensor, rank: int = 16, pending: bool = False) -> float:
     """Relative gap in the qera-exact objective (evaluated with the float64 R) between the two precisions."""
     from qera import quantize_weight, reconstruct
-    from qera.linalg import lowrank_objective
+    from qera.core.linalg import lowrank_objective
 
     d = x_bf16.shape[1]
     mixed = ActivationStats(d, {"xtx"}, precision="mixed", pending=pending)
@@ -124,7 +124,7 @@ def test_mixed_precision_statistics_lose_nothing_on_adversarial_inputs():
 @pytest.fixture
 def gpu_path(monkeypatch):
     """Make every batch take the GPU path: checks deferred, bf16/fp16 rows summed in float32 pending."""
-    import qera.statistics as S
+    import qera.core.statistics as S
 
     monkeypatch.setattr(S, "_device_path", lambda rows, precision: (
         True, precision == "mixed" and rows.dtype in (torch.bfloat16, torch.float16)))
@@ -232,7 +232,7 @@ def test_gram_formed_above_the_diagonal_and_mirrored_is_the_full_product(path, m
     """Σxᵀx is formed only on and above its block diagonal (36/64 of the GEMM work at 8 blocks) and
     the rest copied from the mirror image: on every accumulation path, over calls and folds, the sums
     are exactly symmetric and equal the full product."""
-    import qera.statistics as S
+    import qera.core.statistics as S
 
     d = 700  # blocks of 256, 256, 188
     assert S._gram_block(d) == 256 and S._gram_block(11008) == 1408 and S._gram_block(4096) == 512

@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import logging
 
-from ._version import __version__  # noqa: E402
-from .errors import QeraError  # noqa: E402
-from .formats import FORMATS, QuantizedWeight, WeightFormat, parse_format, quantize_weight  # noqa: E402
-from .linalg import SolverOptions, weighted_lowrank  # noqa: E402
-from .methods import METHODS, Reconstruction, get_method, quantize_and_reconstruct, reconstruct  # noqa: E402
-from .metrics import layer_output_error, weight_error  # noqa: E402
-from .rounding import ROUNDINGS, round_gptq  # noqa: E402
-from .statistics import ActivationStats, load_stats, save_stats  # noqa: E402
-from .statistics import CalibrationStats  # noqa: E402
-from .targets import find_targets  # noqa: E402
-from .calibration import collect_statistics  # noqa: E402
-from .recording import record_statistics  # noqa: E402
-from .modules import QERALinear  # noqa: E402
-from .kernels import prepare_inference  # noqa: E402
-from .config import QuantConfig  # noqa: E402
-from .report import LayerReport, QuantReport  # noqa: E402
-from .layer import LayerQuantizer, LayerResult  # noqa: E402
-from .pipeline import quantize_and_save, quantize_model  # noqa: E402
-from .checkpoint import load_quantized, save_quantized  # noqa: E402
-from .export import export  # noqa: E402
-from .evaluation import perplexity  # noqa: E402
-from .models import load_model  # noqa: E402
+from qera._version import __version__  # noqa: E402
+from qera.util.errors import QeraError  # noqa: E402
+from qera.core.formats import FORMATS, QuantizedWeight, WeightFormat, parse_format, quantize_weight  # noqa: E402
+from qera.core.linalg import SolverOptions, weighted_lowrank  # noqa: E402
+from qera.core.methods import METHODS, Reconstruction, get_method, quantize_and_reconstruct, reconstruct  # noqa: E402
+from qera.core.metrics import layer_output_error, weight_error  # noqa: E402
+from qera.core.rounding import ROUNDINGS, round_gptq  # noqa: E402
+from qera.core.statistics import ActivationStats
+from qera.calibrate.store import load_stats, save_stats  # noqa: E402
+from qera.calibrate.store import CalibrationStats  # noqa: E402
+from qera.nn.targets import find_targets  # noqa: E402
+from qera.calibrate.forward import collect_statistics  # noqa: E402
+from qera.calibrate.recording import record_statistics  # noqa: E402
+from qera.nn.modules import QERALinear  # noqa: E402
+from qera.nn.inference import prepare_inference  # noqa: E402
+from qera.core.config import QuantConfig  # noqa: E402
+from qera.core.report import LayerReport, QuantReport  # noqa: E402
+from qera.quantize.layer import LayerQuantizer, LayerResult  # noqa: E402
+from qera.quantize.pipeline import quantize_and_save, quantize_model  # noqa: E402
+from qera.io.checkpoint import load_quantized, save_quantized  # noqa: E402
+from qera.io.export import export  # noqa: E402
+from qera.evaluate.perplexity import perplexity  # noqa: E402
+from qera.io.models import load_model  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import QeraError
-from ..formats import parse_format
-from ..linalg import SolverOptions, weighted_error, weighted_lowrank
-from ..statistics import CalibrationStats
-from ..targets import linear_weight
-from .common import layer_depth, layer_kind, type_group
+from qera.util.errors import QeraError
+from qera.core.formats import parse_format
+from qera.core.linalg import SolverOptions, weighted_error, weighted_lowrank
+from qera.calibrate.store import CalibrationStats
+from qera.nn.targets import linear_weight
+from qera.analyze.common import layer_depth, layer_kind, type_group
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ segment is added. Only one copy of the statistics ever exists.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Callable, Iterator, Mapping, Sequence
@@ -17,13 +18,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import group_shared_inputs, model_device, row_mask, run_model, runner_for
-from ..config import QuantConfig
-from ..errors import QeraError
-from ..pipeline import quantize_model
-from ..recording import record_statistics
-from ..statistics import CalibrationStats
-from .common import Evaluate, restoring
+from qera.calibrate.forward import group_shared_inputs, model_device, row_mask, run_model, runner_for
+from qera.core.config import QuantConfig
+from qera.util.errors import QeraError
+from qera.quantize.pipeline import quantize_model
+from qera.calibrate.recording import record_runs
+from qera.calibrate.store import CalibrationStats
+from qera.analyze.common import Evaluate
+from qera.nn.targets import restoring
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +81,16 @@ def prefix_statistics(
     bar = tqdm(total=total, desc="calibrating", unit="window", disable=not progress)
     try:
         for seg in segments:
+            def runs(seg=seg):
+                nonlocal seen
+                for batch in seg:
+                    yield row_mask(batch, device), functools.partial(run_model, runner, batch, device)
+                    seen += int(batch["input_ids"].shape[0])
+                    bar.update(int(batch["input_ids"].shape[0]))
+
             model.eval()
             try:
-                with record_statistics(targets, kinds, groups, stats=stats, precision=precision) as rec, torch.no_grad():
-                    for batch in seg:
-                        rec.mask = row_mask(batch, device)
-                        run_model(runner, batch, device)
-                        seen += int(batch["input_ids"].shape[0])
-                        bar.update(int(batch["input_ids"].shape[0]))
-                    stats = rec.stats
+                stats = record_runs(targets, kinds, groups, runs(), stats=stats, precision=precision)
             finally:
                 model.train(was_training)
             stats.extra["kinds"] = ",".join(sorted(kinds))
@@ -126,7 +129,7 @@ def calib_size_sweep(
     restored before the next. ``on_stats`` gets the final (largest) statistics, e.g. to save them.
     The output-error ratio is measured with the prefix's own ``R`` (in-sample).
     """
-    from ..pipeline import stats_kinds_for
+    from qera.quantize.pipeline import stats_kinds_for
 
     # all three kinds (abs and sq cost O(d)): the saved statistics then serve every method
     kinds = frozenset({"abs", "sq", "xtx"}).union(*(stats_kinds_for(c, True) for c in configs))

@@ -1,16 +1,13 @@
-"""Helpers shared by the analyses: parsing integer lists, restoring layers, bits, layer names."""
+"""Helpers shared by the analyses: parsing integer lists, bits, layer names."""
 
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from torch import nn
 
-from ..errors import QeraError
-from ..memory import trim_heap
-from ..targets import replace_module
+from qera.util.errors import QeraError
 
 Evaluate = Callable[[nn.Module], float]  # model -> perplexity
 
@@ -44,17 +41,6 @@ def parse_names(spec: str, flag: str) -> list[str]:
     return names
 
 
-@contextmanager
-def restoring(model: nn.Module, originals: Mapping[str, nn.Module]) -> Iterator[None]:
-    """Put the original (full-precision) ``originals`` back into ``model`` on exit, whatever happened."""
-    try:
-        yield
-    finally:
-        for name, mod in originals.items():
-            replace_module(model, name, mod)
-        trim_heap()
-
-
 _BLOCK = re.compile(r"\.(\d+)\.")
 
 
@@ -86,7 +72,7 @@ def type_group(kind: str) -> str:
 def bits_per_weight(shapes: Mapping[str, tuple[int, int]], weight_bits: float, rank: int,
                     lowrank_bits: int = 16) -> float:
     """Parameter-weighted mean of ``weight_bits + lowrank_bits · k (m + n) / (m n)`` over layers
-    of shape ``(m, n)`` = (out, in), as :meth:`qera.report.QuantReport.quality` averages ``bits_total``."""
+    of shape ``(m, n)`` = (out, in), as :meth:`qera.core.report.QuantReport.quality` averages ``bits_total``."""
     total = sum(m * n for m, n in shapes.values())
     if total == 0:
         return float(weight_bits)

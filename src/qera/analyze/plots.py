@@ -1,4 +1,4 @@
-"""PNG figures of the analyses (matplotlib, headless; the style of :mod:`qera.plots`)."""
+"""PNG figures of the analyses (matplotlib, headless; the style of :mod:`qera.evaluate.plots`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..plots import _color, _finish, _plt, _save
+from qera.evaluate.plots import _color, _finish, _plt, _save
 
 
 def plot_calib_size(rows: Sequence[Mapping], fp: float | None, path: str | Path, title: str = "") -> Path:
@@ -67,7 +67,7 @@ def plot_rank_sweep(rows: Sequence[Mapping], fp: float | None, path: str | Path,
 def plot_autocorr_heatmaps(maps: Mapping[str, torch.Tensor], path: str | Path, title: str = "") -> Path:
     """``|R'|`` of a few layers (rows: blocks, columns: distinct inputs), colour scale [0, 1]."""
     plt = _plt()
-    from .common import layer_depth
+    from qera.analyze.common import layer_depth
 
     blocks = list(dict.fromkeys(layer_depth(n) for n in maps))
     cols = max((sum(1 for n in maps if layer_depth(n) == b) for b in blocks), default=1)

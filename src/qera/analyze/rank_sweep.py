@@ -16,15 +16,18 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..config import QuantConfig
-from ..errors import QeraError
-from ..layer import LayerQuantizer, LayerResult
-from ..modules import QERALinear
-from ..statistics import CalibrationStats
-from ..targets import linear_shape, linear_weight, replace_module
-from .common import Evaluate, bits_per_weight, restoring
+from qera.core.config import QuantConfig
+from qera.core.methods import Method
+from qera.util.errors import QeraError
+from qera.quantize.layer import LayerQuantizer, LayerResult
+from qera.quantize.walk import keep_results
+from qera.quantize.walk import solve_layers as walk_solve
+from qera.nn.modules import QERALinear
+from qera.calibrate.store import CalibrationStats
+from qera.nn.targets import linear_shape, linear_weight, replace_module
+from qera.analyze.common import Evaluate, bits_per_weight
+from qera.nn.targets import restoring
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +68,9 @@ def solve_layers(
     progress: bool = True,
 ) -> dict[str, LayerResult]:
     """Each target layer solved once at ``config.rank`` (the sweep's largest rank); no replacement."""
-    q = LayerQuantizer(config)
-    for name, mod in targets.items():
-        q.check(name, mod, stats.info(name) if stats is not None and name in stats else None)
-    out = {}
-    for name, mod in tqdm(targets.items(), desc=f"{config.method} {config.format} r{config.rank}", unit="layer",
-                          disable=not progress):
-        st = stats[name] if stats is not None and name in stats else None
-        out[name] = q(name, mod, st, output_error=False)
+    out: dict[str, LayerResult] = {}
+    walk_solve(LayerQuantizer(config), targets, stats, keep_results(out), output_error=False, release=False,
+               progress=progress, desc=f"{config.method} {config.format} r{config.rank}")
     return out
 
 
@@ -123,15 +121,14 @@ def rank_sweep(
     Rank 0 appears once per format with ``method = "w-only"``. The model is restored after each
     evaluation. ``ranks`` must be strictly increasing and non-negative.
     """
-    from ..formats import parse_format
+    from qera.core.formats import parse_format
 
     if list(ranks) != sorted(set(ranks)) or (ranks and ranks[0] < 0):
         raise QeraError(f"ranks must be strictly increasing integers >= 0, got {list(ranks)}")
     shapes = {n: linear_shape(m) for n, m in targets.items()}
     top = max(ranks) if ranks else 0
-    smallest = min(min(s) for s in shapes.values())
-    if top > smallest:
-        raise QeraError(f"rank {top} exceeds the smallest layer dimension {smallest}")
+    for name, shape in shapes.items():  # the sweep's largest rank must fit every layer
+        Method.check_rank(top, shape, name, allow_zero=True)
     positive = [k for k in ranks if k > 0]
     lr_bits = torch.finfo(getattr(torch, lowrank_dtype)).bits
     rows: list[dict] = []

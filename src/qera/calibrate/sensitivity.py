@@ -1,0 +1,142 @@
+"""How much the model's loss feels each layer's output error: mean squared loss gradients.
+
+A small change ``δy`` of a layer's output raises the next-token loss by about ``½ δyᵀ F δy``
+(``F`` the Fisher information of the output). Three approximations of ``F`` per layer:
+
+- per output channel, ``f_j = E[(∂L/∂y_j)²]`` (:func:`output_fisher`): the loss cost of the
+  remaining error is ``Σ_j f_j (E R Eᵀ)_jj`` — what ``QuantConfig(output_weight="fisher")`` makes
+  the solve minimize, by scaling the error's rows by ``√f`` (see :func:`qera.core.linalg.output_sqrt`);
+- the whole output factor ``G = E[gᵀg]`` (``full=True``; K-FAC's ``G ⊗ R`` with the tokens' gradients
+  and inputs taken as independent): the cost is ``trace(G E R Eᵀ)`` (``output_weight="kfac"``);
+- one number, ``c = mean_j f_j`` (:func:`output_sensitivity`): the cost is ``c · trace(E R Eᵀ)``,
+  which rank allocation uses to put the layers' errors on the loss's scale
+  (``rank_normalize="fisher"``).
+
+All three are up to one factor shared by every layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qera.calibrate.forward import model_device
+from qera.util.errors import QeraError
+from qera.util.memory import default_budget, format_size
+from qera.nn.targets import linear_shape
+
+log = logging.getLogger(__name__)
+
+
+def _rows(batches: Sequence[Mapping[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Every window of every batch as ``(input_ids (1, L), attention_mask (1, L) or None)``."""
+    out = []
+    for b in batches:
+        mask = b.get("attention_mask")
+        for i in range(b["input_ids"].shape[0]):
+            out.append((b["input_ids"][i:i + 1], mask[i:i + 1] if mask is not None else None))
+    return out
+
+
+def output_sensitivity(
+    model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], targets: Mapping[str, nn.Module],
+    progress: bool = False,
+) -> dict[str, float]:
+    """``{layer: E[‖∂L/∂y‖²] / out}``: the mean over output channels of :func:`output_fisher`."""
+    return {name: float(f.mean()) for name, f in output_fisher(model, batches, targets, progress).items()}
+
+
+def output_fisher(
+    model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], targets: Mapping[str, nn.Module],
+    progress: bool = False, full: bool = False,
+) -> dict[str, torch.Tensor]:
+    """``{layer: f}``, ``f`` (out,) float64 on the CPU: ``E[(∂L/∂y_j)²]`` per output channel, over
+    the non-padding tokens of ``batches`` (causal LM loss); with ``full``, ``E[gᵀg]`` (out, out).
+
+    Gradients flow only to the activations: every parameter's ``requires_grad`` is switched off
+    for the passes (and put back), so no weight gradient is ever allocated. Hooks are removed in
+    ``finally``. Windows go one at a time (memory: one window's backward graph); the loss is the
+    sum of the window's next-token cross-entropies, so a token's gradient does not depend on how
+    many tokens share its window or batch.
+    """
+    if not batches:
+        raise QeraError("the loss gradients (rank_normalize or output_weight 'fisher') need calibration batches")
+    if full:  # an (out, out) float64 sum per layer: refuse before any work when it cannot fit
+        need = sum(8 * linear_shape(m)[0] ** 2 for m in targets.values())
+        budget = default_budget()
+        if need > budget:
+            raise QeraError(f"output_weight='kfac' keeps an (out x out) float64 matrix per layer: {format_size(need)} "
+                            f"for these layers, over the memory budget of {format_size(budget)} "
+                            "($QERA_MAX_MEMORY or 60% of the free RAM); use output_weight='fisher' (its diagonal)")
+        log.info("output_weight='kfac': %s of gradient covariances", format_size(need))
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embed is None:
+        raise QeraError("the loss gradients (rank_normalize or output_weight 'fisher') need a model with input "
+                        "embeddings and a language-model loss")
+    sums: dict[str, torch.Tensor] = {}  # float64 sums, a layer's from its first gradient on
+    tokens = 0
+    handles = []
+    flags = {p: p.requires_grad for p in model.parameters()}
+    mask_now: list[torch.Tensor | None] = [None]
+
+    def grad_hook(name: str):
+        def on_output(module, args, out):
+            if torch.is_tensor(out) and out.requires_grad:
+                def acc(g: torch.Tensor) -> None:
+                    g32 = g.detach().to(torch.float32).flatten(0, -2)  # (tokens, out)
+                    m = mask_now[0]
+                    if m is not None:
+                        g32 = g32 * m.to(g32.device).flatten()[:, None]  # a 0/1 mask: squares stay masked
+                    if full:  # one window's float32 GEMM, summed in float64 across windows
+                        part = (g32.T @ g32).to(torch.float64)
+                    else:
+                        part = g32.pow(2).sum(0, dtype=torch.float64)
+                    if name in sums:
+                        sums[name].add_(part.cpu())  # in place: a new (out, out) sum per window would churn the heap
+                    else:
+                        sums[name] = part.cpu()  # a fresh tensor: nothing else holds it
+                out.register_hook(acc)
+        return on_output
+
+    def embeds_require_grad(module, args, out):
+        return out.requires_grad_() if not out.requires_grad else out
+
+    was_training = model.training
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        model.eval()
+        handles.append(embed.register_forward_hook(embeds_require_grad))
+        handles += [mod.register_forward_hook(grad_hook(name)) for name, mod in targets.items()]
+        device = model_device(model)
+        for ids, mask in tqdm(_rows(batches), desc="loss gradients", unit="window", disable=not progress):
+            ids = ids.to(device)  # one window at a time: the backward graph of a single window
+            mask = mask.to(device) if mask is not None else torch.ones_like(ids)
+            labels = ids.masked_fill(mask == 0, -100)
+            n_labels = int((labels[:, 1:] != -100).sum())
+            if n_labels == 0:
+                continue
+            mask_now[0] = mask.to(torch.float32)
+            with torch.enable_grad():
+                out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+                if getattr(out, "loss", None) is None:
+                    raise QeraError("the loss gradients (rank_normalize or output_weight 'fisher') need a model "
+                                    "that returns a language-model loss")
+                (out.loss * n_labels).backward()  # summed token losses: gradients do not depend on the window's length
+            tokens += int(mask.sum())
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    out = {}
+    for name, mod in targets.items():
+        n = linear_shape(mod)[0]
+        s = sums[name] if name in sums else torch.zeros((n, n) if full else n, dtype=torch.float64)  # never reached
+        out[name] = s / max(tokens, 1)
+    return out

@@ -1,0 +1,1 @@
+"""Pure math and the plain data every stage passes around, no nn.Module: weight formats, rounding, linear algebra, reconstruction methods, rank allocation, statistics accumulators, configs, reports."""

@@ -1,0 +1,130 @@
+"""The sequential driver: one decoder block at a time over cached block inputs.
+
+For each block: onload it, run the cached inputs through it with statistics recorded, solve and
+replace its layers, free their statistics, and turn the block's outputs into the next block's
+inputs — the original block's (``propagate="fp"``: taken from the recording forward itself, so
+the result equals the one-shot driver's) or the quantized block's (``propagate="quantized"``: a
+second forward, so later layers calibrate on the inputs they will really see). Only one block's
+weights and statistics, the activations and the packed output so far are ever in memory.
+
+Given statistics (``qera calibrate``, or ``--stats``) are statistics of the full-precision model, so
+with ``propagate="fp"`` they are used as they are: nothing runs through the blocks, each block is
+onloaded, solved from them and written. With ``propagate="quantized"`` they are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from qera.quantize.blocks import BlockVisit, BlockWalk, propagate_block, record_block, walk_blocks
+from qera.quantize.drivers import DRIVERS
+from qera.quantize.drivers.base import DriverContext, output_metrics
+from qera.quantize.walk import solve_layers
+from qera.util.errors import QeraError
+from qera.util.timing import PhaseTimer
+
+log = logging.getLogger(__name__)
+
+
+@DRIVERS.register("sequential")
+def run_sequential(ctx: DriverContext) -> None:
+    """Quantize block by block; see the module docstring."""
+    propagate = ctx.quantizer.config.propagate
+    given = ctx.stats  # statistics of the fp model (one-shot or streamed): exactly what propagate="fp" records
+    if given is not None and propagate == "quantized":
+        raise QeraError("given statistics cannot be used with propagate='quantized': each block's inputs come from "
+                        "the blocks quantized before it, so they are recorded during the run (drop the statistics "
+                        "file, or use propagate='fp')")
+    if ctx.calibration is None and given is None and (ctx.kinds or propagate == "quantized"):
+        raise QeraError("the sequential pipeline needs calibration batches (it records statistics per block)")
+    writer, q, dist = ctx.writer, ctx.quantizer, ctx.dist
+    timer = PhaseTimer(ctx.device)
+    out_metrics = None
+    if q.config.output_weight != "none":  # the fp model's loss gradients, before any block is quantized
+        with timer("sensitivity"):
+            out_metrics = output_metrics(ctx)
+    with timer("capture"):
+        walk = BlockWalk.prepare(ctx.model, ctx.targets, list(ctx.calibration or []), ctx.kinds, ctx.device,
+                                 ctx.placer, ctx.max_memory, ctx.gpu_memory, ctx.offload_dir, dist,
+                                 inputs=given is None)
+    ctx.report.notes.extend(walk.notes)
+    ctx.report.calibration_tokens = walk.tokens if given is None else given.tokens
+    if given is not None:
+        ctx.report.notes.append("statistics given: blocks solved from them, nothing recorded")
+    timer.device = walk.device
+    cache = walk.captured.cache
+    done = writer.done_blocks if writer is not None else 0
+    if dist is not None:
+        done = dist.broadcast_json(done, 0)
+
+    def visit(v: BlockVisit) -> None:
+        i, block, prefix, names, calls = v.index, v.block, v.prefix, v.names, v.calls
+        if i < done:  # resume: replay the finished block to rebuild the next inputs
+            with timer("replay"):
+                _replay(ctx, writer, i, block, names, calls, cache, propagate, walk.device)
+        elif not names:
+            with timer("propagate"):
+                propagate_block(block, calls, cache)
+            if writer is not None:
+                with timer("write"):
+                    writer.add_block(i, prefix, block, [])
+        else:
+            mods = v.modules()
+            if given is None:
+                with timer("record"):
+                    stats = record_block(block, mods, calls, cache, walk.captured, i, ctx.kinds,
+                                         q.config.stats_precision, keep_outputs=propagate == "fp")
+                    if dist is not None:
+                        dist.all_reduce_stats(stats)
+            else:
+                stats = given
+            with timer("solve"):
+                # given statistics are the caller's: freed as used only when lazy (the file keeps them)
+                solve_layers(q, mods, stats, ctx.keep, output_error=ctx.output_error, out_metrics=out_metrics,
+                             dist=dist, block=i, notes=ctx.report.notes, release=given is None or given.lazy)
+                reports = ctx.report.layers[-len(mods):]
+            del stats
+            if propagate == "quantized":
+                with timer("propagate"):
+                    propagate_block(block, calls, cache)
+            if writer is not None:
+                with timer("write"):
+                    writer.add_block(i, prefix, block, reports)
+
+    try:
+        walk_blocks(walk, visit, desc=f"{q.config.method} {q.config.format} by block", progress=ctx.progress,
+                    timer=timer, keep=lambda v: [ctx.replaced[n] for n in v.names if n in ctx.replaced],
+                    postfix=lambda: {"layers": len(ctx.report.layers)})
+    finally:
+        ctx.report.timings = timer.as_dict()
+        ctx.report.calibration_seconds = timer.total("capture", "onload", "record", "propagate", "replay")
+        ctx.report.solve_seconds = timer.total("solve")
+
+
+def _replay(ctx: DriverContext, writer, i: int, block: nn.Module, names: dict[str, nn.Module], calls, cache,
+            propagate: str, device: torch.device) -> None:
+    """A block finished by an interrupted run: put its saved layers in and recompute its outputs."""
+    if ctx.dist is not None:
+        from qera.quantize.distributed import broadcast_stored_block
+
+        stored, reports = broadcast_stored_block(ctx.dist, writer, i, device) if names else ({}, [])
+    else:
+        stored = writer.stored_layers(i) if names else {}
+        reports = writer.stored_reports(i)
+
+    def swap_in() -> None:
+        dev = next(iter(block.parameters())).device
+        for name, new in stored.items():
+            ctx.replace(name, new.to(dev))
+
+    if propagate == "quantized":
+        swap_in()
+    propagate_block(block, calls, cache)
+    if propagate == "fp":
+        swap_in()
+    ctx.report.layers.extend(reports)
+
+

@@ -1,0 +1,1 @@
+"""Utilities every stage may use: errors, registries, atomic writes, memory sizes, timers."""
