@@ -319,6 +319,32 @@ def test_cli_sequential_streams_and_says_its_plan(tmp_path, capsys):
     assert info["pipeline"] == "sequential" and info["ranks"] == [4]
 
 
+def test_cli_sequential_uses_a_statistics_file(tmp_path, capsys):
+    """``qera quantize --pipeline sequential --stats S`` on a model streamed from its shards solves from
+    S (no calibration text is read) and writes what the one-shot pipeline writes from S; with
+    ``--propagate quantized`` S is refused in one line."""
+    from qera.cli import main
+
+    src = save_source(tmp_path / "src", layers=2)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    stats = tmp_path / "s.safetensors"
+    assert main(["calibrate", str(src), "--calib-text", str(text), "--calib-samples", "4", "--calib-seq-len", "32",
+                 "--kinds", "xtx", "--out", str(stats), "--no-progress"]) == 0
+    common = ["--format", "mxint3", "--rank", "4", "--stats", str(stats), "--no-progress",
+              "--calib-text", str(tmp_path / "missing.txt")]  # read it and the run would fail
+    assert main(["quantize", str(src), *common, "--pipeline", "sequential", "--out", str(tmp_path / "seq")]) == 0
+    assert main(["quantize", str(src), *common, "--pipeline", "oneshot", "--out", str(tmp_path / "one")]) == 0
+    a = load_file(str(tmp_path / "seq" / "model.safetensors"))
+    b = load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["quantize", str(src), *common, "--pipeline", "sequential", "--propagate", "quantized",
+                 "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "propagate='quantized'" in err[0] and not (tmp_path / "q").exists()
+
+
 def test_load_with_a_device_map(tmp_path):
     model = tiny_llama()
     quantize_model(model, QuantConfig(format="mxint4", method="zeroquant-v2", rank=2), progress=False)

@@ -76,6 +76,7 @@ def add_parsers(sub) -> None:
 def cmd_quantize(args) -> int:
     from qera.io.models import resolve_source
     from qera.quantize.pipeline import quantize_and_save
+    from qera.quantize.walk import check_given_stats
     from qera.io.lazy import is_lazy_source
 
     out = output_dir(args)
@@ -97,6 +98,7 @@ def cmd_quantize(args) -> int:
         from qera.calibrate.store import CalibrationStats
 
         stats = CalibrationStats.load(args.stats, lazy=True)  # read one layer at a time
+        check_given_stats(config, stats)  # before any text is read
     calibration = None
     from qera.quantize.pipeline import stats_kinds_for
 

@@ -22,6 +22,7 @@ from torch import nn
 from qera.calibrate.forward import group_shared_inputs
 from qera.core.config import CONFIG_VERSION, LOWRANK_DTYPES, QuantConfig
 from qera.quantize.drivers import DRIVERS, DriverContext
+from qera.quantize.walk import check_given_stats
 from qera.util.errors import QeraError
 from qera.quantize.layer import LayerQuantizer, ptq_sink
 from qera.util.memory import default_budget, format_size, parse_size, stats_bytes
@@ -131,6 +132,7 @@ def _context(model, plan: RunPlan, calibration, stats, report_output_error, prog
     report = QuantReport(config, pipeline=name)
     if plan.why:
         report.notes.append(f"pipeline {name}: {plan.why}")
+    check_given_stats(config, stats)
     if plan.kinds and stats is not None:
         missing = plan.kinds - provided(stats.kinds)
         if missing:

@@ -19,6 +19,7 @@ import logging
 import torch
 from torch import nn
 
+from qera.quantize.walk import check_given_stats
 from qera.quantize.blocks import BlockVisit, BlockWalk, propagate_block, record_block, walk_blocks
 from qera.quantize.drivers import DRIVERS
 from qera.quantize.drivers.base import DriverContext, output_metrics
@@ -34,10 +35,7 @@ def run_sequential(ctx: DriverContext) -> None:
     """Quantize block by block; see the module docstring."""
     propagate = ctx.quantizer.config.propagate
     given = ctx.stats  # statistics of the fp model (one-shot or streamed): exactly what propagate="fp" records
-    if given is not None and propagate == "quantized":
-        raise QeraError("given statistics cannot be used with propagate='quantized': each block's inputs come from "
-                        "the blocks quantized before it, so they are recorded during the run (drop the statistics "
-                        "file, or use propagate='fp')")
+    check_given_stats(ctx.quantizer.config, given)
     if ctx.calibration is None and given is None and (ctx.kinds or propagate == "quantized"):
         raise QeraError("the sequential pipeline needs calibration batches (it records statistics per block)")
     writer, q, dist = ctx.writer, ctx.quantizer, ctx.dist
