@@ -76,7 +76,7 @@ def add_parsers(sub) -> None:
 def cmd_quantize(args) -> int:
     from qera.io.models import resolve_source
     from qera.quantize.pipeline import quantize_and_save
-    from qera.quantize.walk import check_given_stats
+    from qera.quantize.drivers.base import check_given_stats
     from qera.io.lazy import is_lazy_source
 
     out = output_dir(args)

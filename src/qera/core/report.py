@@ -9,6 +9,8 @@ from typing import Any
 
 from qera._version import __version__
 from qera.core.config import QuantConfig
+from qera.core.methods import METHODS
+from qera.core.rounding import rounding_needs
 
 
 @dataclass
@@ -66,9 +68,6 @@ class QuantReport:
     def singular_layers(self) -> list[LayerReport]:
         """Layers whose input autocorrelation ``R`` is singular (fewer calibration tokens than input
         channels, or input channels no token reached), for methods and roundings that read ``R``."""
-        from qera.core.methods import METHODS
-        from qera.core.rounding import rounding_needs
-
         if "xtx" not in METHODS.get(self.config.method).needs | rounding_needs(self.config.rounding):
             return []
         return [l for l in self.layers if l.tokens is not None and l.rank > 0

@@ -93,9 +93,10 @@ def _finish(fig, axes, title: str) -> None:
     fig.tight_layout()
 
 
-def _save(fig, plt, path) -> Path:
+def _save(fig, plt, path, dpi: int = 120) -> Path:
+    """Write ``fig`` atomically (the format from the suffix) and close it, whatever happened."""
     try:
-        return write_figure(path, fig, dpi=120)
+        return write_figure(path, fig, dpi=dpi)
     finally:
         plt.close(fig)
 

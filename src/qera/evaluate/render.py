@@ -16,7 +16,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from qera.util.atomic import write_figure, write_text
+from qera.evaluate.plots import _plt, _save
+from qera.util.atomic import write_text
 from qera.core.report import LayerReport, QuantReport
 
 log = logging.getLogger(__name__)
@@ -73,16 +74,11 @@ def _depth_plot(plt, series: dict[str, list[tuple]], column: int, path: Path, si
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    try:
-        return write_figure(path, fig, dpi=110)
-    finally:
-        plt.close(fig)
+    return _save(fig, plt, path, dpi=110)
 
 
 def _figures(report: QuantReport, folder: Path) -> list[tuple[str, Path]]:
     try:
-        from qera.evaluate.plots import _plt
-
         plt = _plt()
     except ImportError:
         return []
@@ -144,10 +140,7 @@ def _spectrum_plot(plt, spectra: dict[str, list[float]], report: QuantReport, pa
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    try:
-        return write_figure(path, fig, dpi=110)
-    finally:
-        plt.close(fig)
+    return _save(fig, plt, path, dpi=110)
 
 
 def coverage_lines(layers: Sequence[LayerReport]) -> list[str]:

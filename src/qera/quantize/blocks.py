@@ -184,7 +184,7 @@ def walk_blocks(walk: BlockWalk, visit: Callable[[BlockVisit], None], *, desc: s
     blocks, name = walk.blocks, walk.blocks_name
 
     def send_home(v: BlockVisit) -> None:
-        walk.placer.offload(v.index, v.block, v.prefix, *(() if keep is None else (keep(v),)))
+        walk.placer.offload(v.index, v.block, v.prefix, keep(v) if keep is not None else ())
         trim_heap()
 
     bar = tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress)

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from qera.util.atomic import Scratch, scratch_dir
-from qera.util.memory import format_size
+from qera.calibrate.forward import group_shared_inputs
+from qera.nn.targets import linear_shape
+from qera.util.memory import format_size, stats_bytes
 from qera.calibrate.store import CalibrationStats, StatsFileWriter
 from qera.quantize.blocks import BlockVisit, BlockWalk, propagate_block, record_block, walk_blocks
 
@@ -22,11 +24,8 @@ plan_log = logging.getLogger("qera.plan")
 
 def oneshot_stats_estimate(model: nn.Module, targets: Mapping[str, nn.Module], kinds: Iterable[str],
                            batch: Mapping[str, torch.Tensor] | None) -> int:
-    """float64 bytes of every distinct input's statistics at once (the one-shot peak)."""
-    from qera.calibrate.forward import group_shared_inputs
-    from qera.util.memory import stats_bytes
-    from qera.nn.targets import linear_shape
-
+    """float64 bytes of every distinct input's statistics at once (the one-shot peak); inputs shared
+    by several layers are found on ``batch`` (without one, every layer counts: an upper bound)."""
     reps = set(group_shared_inputs(model, list(targets), batch).values()) if batch is not None else set(targets)
     return stats_bytes((linear_shape(targets[r])[1] for r in reps), kinds)
 

@@ -19,20 +19,20 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from qera.calibrate.forward import group_shared_inputs
 from qera.core.config import CONFIG_VERSION, LOWRANK_DTYPES, QuantConfig
 from qera.quantize.drivers import DRIVERS, DriverContext
-from qera.quantize.walk import check_given_stats
+from qera.quantize.drivers.base import check_given_stats
+from qera.quantize.collect import oneshot_stats_estimate
 from qera.util.errors import QeraError
 from qera.quantize.layer import LayerQuantizer, ptq_sink
-from qera.util.memory import default_budget, format_size, parse_size, stats_bytes
+from qera.util.memory import default_budget, format_size, parse_size
 from qera.core.methods import METHODS
 from qera.nn.moe import unfuse_experts, unfused_names
 from qera.core.report import LayerReport, QuantReport
 from qera.core.rounding import rounding_needs
 from qera.calibrate.store import CalibrationStats
 from qera.core.statistics import provided
-from qera.nn.targets import find_blocks, find_targets, linear_shape, replace_module
+from qera.nn.targets import find_blocks, find_targets, replace_module
 
 log = logging.getLogger(__name__)
 plan_log = logging.getLogger("qera.plan")  # decisions a user should see before slow work (the CLI shows them)
@@ -64,17 +64,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     return dev
 
 
-def oneshot_stats_bytes(model: nn.Module, targets: Mapping[str, nn.Module], kinds: Iterable[str],
-                        probe_batch: Mapping[str, torch.Tensor] | None = None) -> int:
-    """float64 bytes the one-shot driver holds for every distinct input's statistics at once."""
-    if probe_batch is not None:
-        groups = group_shared_inputs(model, list(targets), probe_batch)
-        reps = set(groups.values())
-    else:
-        reps = set(targets)  # upper bound: no sharing
-    return stats_bytes((linear_shape(targets[r])[1] for r in reps), kinds)
-
-
 def choose_pipeline(config: QuantConfig, model: nn.Module, targets: Mapping[str, nn.Module], kinds: frozenset[str],
                     calibration, max_memory: int | None, lazy: bool = False) -> tuple[str, str | None]:
     """The pipeline to run for ``config.pipeline == "auto"``: ``(name, why)``."""
@@ -93,7 +82,7 @@ def choose_pipeline(config: QuantConfig, model: nn.Module, targets: Mapping[str,
         return "sequential", "propagate='quantized' needs the sequential pipeline"
     budget = max_memory if max_memory is not None else default_budget()
     probe = next(iter(calibration), None) if calibration is not None else None
-    need = oneshot_stats_bytes(model, targets, kinds, probe)
+    need = oneshot_stats_estimate(model, targets, kinds, probe)
     if need > budget:
         return "sequential", (f"one-shot statistics need {format_size(need)}, over the memory budget of "
                               f"{format_size(budget)}: quantizing block by block")
@@ -192,14 +181,15 @@ def quantize_model(
     except BaseException:
         ctx.restore()
         raise
-    _summarize(ctx.report)
+    _summarize(ctx.report, ctx.dist)
     return ctx.report
 
 
-def _summarize(report: QuantReport) -> None:
-    """Warnings about the run as a whole, once (per-layer details are logged at INFO)."""
+def _summarize(report: QuantReport, dist=None) -> None:
+    """Warnings about the run as a whole, once: by the one process that speaks for it under torchrun
+    (per-layer details are logged at INFO)."""
     line = report.singular_summary()
-    if line:
+    if line and (dist is None or dist.is_main):
         log.warning("%s", line)
 
 
@@ -301,5 +291,5 @@ def quantize_and_save(
         raise
     if dist is not None:
         dist.barrier()  # every rank returns once the checkpoint exists
-    _summarize(ctx.report)
+    _summarize(ctx.report, ctx.dist)
     return ctx.report

@@ -15,24 +15,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qera.calibrate.store import CalibrationStats
-from qera.core.config import QuantConfig
 from qera.quantize.layer import LayerQuantizer, LayerResult, settle_reports
-from qera.util.errors import QeraError
 from qera.util.memory import trim_heap
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[[str, nn.Module, LayerResult], None]
-
-
-def check_given_stats(config: QuantConfig, stats: CalibrationStats | None) -> None:
-    """Given statistics are those of the full-precision model: every run can use them except one that
-    propagates the quantized model's activations (sequential, ``propagate="quantized"``), whose block
-    inputs exist only during the run."""
-    if stats is not None and config.propagate == "quantized" and config.pipeline != "oneshot":
-        raise QeraError("given statistics cannot be used with propagate='quantized': each block's inputs come from "
-                        "the blocks quantized before it, so they are recorded during the run (drop the statistics "
-                        "file, or use propagate='fp')")
 
 
 def keep_results(into: dict[str, LayerResult]) -> Sink:

@@ -13,6 +13,8 @@ from qera.quantize.layer import LayerQuantizer, LayerResult
 from qera.core.report import QuantReport
 from qera.calibrate.store import CalibrationStats
 from qera.nn.targets import replace_module, restore_modules
+from qera.core.config import QuantConfig
+from qera.util.errors import QeraError
 
 
 @dataclass
@@ -65,11 +67,20 @@ class DriverContext:
         self.replaced.clear()
 
 
+def check_given_stats(config: QuantConfig, stats: CalibrationStats | None) -> None:
+    """Given statistics are those of the full-precision model: every run can use them except one that
+    propagates the quantized model's activations (sequential, ``propagate="quantized"``), whose block
+    inputs exist only during the run."""
+    if stats is not None and config.propagate == "quantized" and config.pipeline != "oneshot":
+        raise QeraError("given statistics cannot be used with propagate='quantized': each block's inputs come from "
+                        "the blocks quantized before it, so they are recorded during the run (drop the statistics "
+                        "file, or use propagate='fp')")
+
+
 def output_metrics(ctx: DriverContext) -> dict[str, torch.Tensor] | None:
     """The layers' output metrics of ``output_weight`` (None for ``none``): one loss-gradient pass
     of the whole full-precision model over the calibration batches, before any layer is replaced.
     Both drivers call it; it needs the whole model in memory, in one process."""
-    from qera.util.errors import QeraError
     from qera.calibrate import sensitivity
 
     ow = ctx.quantizer.config.output_weight

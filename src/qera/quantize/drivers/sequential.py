@@ -19,10 +19,9 @@ import logging
 import torch
 from torch import nn
 
-from qera.quantize.walk import check_given_stats
 from qera.quantize.blocks import BlockVisit, BlockWalk, propagate_block, record_block, walk_blocks
 from qera.quantize.drivers import DRIVERS
-from qera.quantize.drivers.base import DriverContext, output_metrics
+from qera.quantize.drivers.base import DriverContext, check_given_stats, output_metrics
 from qera.quantize.walk import solve_layers
 from qera.util.errors import QeraError
 from qera.util.timing import PhaseTimer
