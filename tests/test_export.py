@@ -111,8 +111,8 @@ def test_mixed_bit_widths_and_bad_target_are_refused(tmp_path):
     quantize_model(model, QuantConfig(format="int8:group=32", method="w-only", include=[r"self_attn\."]), progress=False)
     with pytest.raises(QeraError, match="bit widths"):
         export(model, tmp_path / "out")
-    with pytest.raises(QeraError, match="unknown export target 'gguf'"):
-        export(model, tmp_path / "out", to="gguf")
+    with pytest.raises(QeraError, match="unknown export target 'onnx'"):
+        export(model, tmp_path / "out", to="onnx")
 
 
 def test_model_object_and_cli(tmp_path, capsys):

@@ -211,6 +211,8 @@ def quant_config(args, fmt: str, method: str, rank: int):
                               rounding=getattr(args, "rounding", "rtn"), gptq_damp=getattr(args, "gptq_damp", 0.01),
                               act_format=getattr(args, "act_format", None),
                               report_spectrum=report_spectrum(args),
+                              refine_steps=getattr(args, "refine", 0), refine_lr=getattr(args, "refine_lr", 1e-3),
+                              refine_train=getattr(args, "refine_train", "lowrank"),
                               method_options=key_values(args.method_opt, "--method-opt"),
                               rank_overrides={k: int(v) for k, v in key_values(args.rank_override, "--rank-override").items()})
     if args.include:

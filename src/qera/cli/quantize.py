@@ -47,6 +47,15 @@ def add_parsers(sub) -> None:
     g.add_argument("--gpu-memory", default=None, help="GPU memory budget for cached activations, e.g. 24GiB")
     g.add_argument("--offload-dir", default=None, help="folder for cached activations that exceed --max-memory")
     g.add_argument("--resume", action="store_true", help="continue an interrupted sequential run into the same --out")
+    g = p.add_argument_group("refinement (sequential pipeline)")
+    g.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="after each block's closed-form solve, STEPS Adam steps that lower the block's output error "
+                        "against the full-precision block (one calibration batch per step; kept only if it lowers "
+                        "the error on held-out calibration batches). Needs --pipeline sequential or auto. Default 0")
+    g.add_argument("--refine-lr", type=float, default=1e-3, help="refinement learning rate (Adam, cosine decay; default 1e-3)")
+    g.add_argument("--refine-train", default="lowrank",
+                   help="what is trained: lowrank (A, B), scales (the float group scales of W̃, codes fixed; "
+                        "int/nf formats), or lowrank,scales. Default lowrank")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("calibrate", help="collect calibration statistics once, for reuse with --stats")
@@ -59,13 +68,21 @@ def add_parsers(sub) -> None:
 
     from qera.io.export import EXPORTERS, SCALE_DTYPES
 
-    p = sub.add_parser("export", help="export a checkpoint: compressed-tensors weights + a PEFT LoRA adapter")
+    p = sub.add_parser("export", help="export a checkpoint: compressed-tensors weights + a PEFT LoRA adapter, "
+                                      "or GGUF + a GGUF LoRA adapter for llama.cpp")
     p.add_argument("path", help="qera checkpoint directory"); add_common(p)
     p.add_argument("--to", default="compressed-tensors", choices=EXPORTERS.names(), help="export target")
-    p.add_argument("--out", required=True, help="output directory (the adapter goes to OUT/adapter)")
+    p.add_argument("--out", required=True, help="output directory (compressed-tensors: the adapter goes to OUT/adapter; "
+                                                "gguf: OUT/model.gguf and OUT/adapter.gguf)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--scale-dtype", choices=list(SCALE_DTYPES), default=None,
                    help="dtype of the group scales (default: float32 for int, bfloat16 for mxint: exact on every loader)")
+    p.add_argument("--gguf-source", default=None, metavar="GGUF",
+                   help="--to gguf: the GGUF file (or model alias) the checkpoint was quantized from; its metadata "
+                        "and tokenizer are copied")
+    p.add_argument("--base-type", default="auto",
+                   help="--to gguf: type of the 2-D tensors that are not quantized layers (embeddings, head): auto "
+                        "(their own float dtype, lossless), f32, f16, bf16 or a GGUF type such as q8_0. Norms stay f32")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="describe a quantized checkpoint")
@@ -107,6 +124,7 @@ def cmd_quantize(args) -> int:
     fisher = (config.allocates and config.rank_normalize in ("fisher", "auto")) or config.output_weight != "none"
     # given statistics serve both pipelines, except the quantized model's inputs (sequential, "quantized")
     recorded = stats is None or (config.pipeline != "oneshot" and config.propagate == "quantized")
+    recorded = recorded or config.refines  # refinement trains on the cached block inputs
     if needs_data and (recorded or fisher):
         calibration = calibration_batches_for(args, tok)
     report = quantize_and_save(
@@ -192,13 +210,24 @@ def _rank_table(layer_ranks: dict[str, int]) -> str:
 
 
 def cmd_export(args) -> int:
-    """Write a checkpoint in another ecosystem's format (compressed-tensors + a PEFT LoRA adapter)."""
+    """Write a checkpoint in another ecosystem's format (compressed-tensors + a PEFT LoRA adapter, or GGUF)."""
     from qera.io.export import export
+    from qera.util.errors import QeraError
 
-    out = export(args.path, args.out, to=args.to, overwrite=args.overwrite, scale_dtype=args.scale_dtype)
+    if args.to == "gguf":
+        if args.scale_dtype is not None:
+            raise QeraError("--scale-dtype applies to compressed-tensors; GGUF stores each type's own scales")
+        options = {"gguf_source": args.gguf_source, "base_type": args.base_type}
+        adapter = Path(args.out) / "adapter.gguf"
+    else:
+        if args.gguf_source is not None or args.base_type != "auto":
+            raise QeraError("--gguf-source and --base-type apply to --to gguf")
+        options = {"scale_dtype": args.scale_dtype}
+        adapter = Path(args.out) / "adapter"
+    out = export(args.path, args.out, to=args.to, overwrite=args.overwrite, **options)
     size = {name: sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
             for name, d in (("source_bytes", args.path), ("export_bytes", out))}
     emit(args, {"out": str(out), "to": args.to, **size},
           f"exported {args.path} ({size['source_bytes'] / 2**20:.1f} MiB) to {out} as {args.to} "
-          f"({size['export_bytes'] / 2**20:.1f} MiB{', adapter in ' + str(out / 'adapter') if (out / 'adapter').is_dir() else ''})")
+          f"({size['export_bytes'] / 2**20:.1f} MiB{', adapter in ' + str(adapter) if adapter.exists() else ''})")
     return 0

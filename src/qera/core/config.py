@@ -19,6 +19,7 @@ LOWRANK_DTYPES = ("float16", "bfloat16", "float32")
 PIPELINES = ("oneshot", "sequential", "auto")
 PROPAGATE = ("fp", "quantized")
 OUTPUT_WEIGHTS = ("none", "fisher", "kfac")
+REFINE_PARTS = ("lowrank", "scales")
 
 
 def _format_field(name: str, spec: Any) -> str:
@@ -73,6 +74,12 @@ class QuantConfig:
     report_spectrum: keep this many leading eigenvalues of each layer's output-error matrix
         ``D R Dᵀ`` in its report (the decay that explains the rank; one eigen-solve per layer on top
         of the solve); 0: none.
+    refine_steps: after each decoder block's closed-form solve (sequential pipeline), this many
+        optimizer steps that lower the block's output error against the full-precision block
+        (:mod:`qera.quantize.refine`); 0: none.
+    refine_lr: the refinement's Adam learning rate (cosine-decayed to 0 over the steps).
+    refine_train: what the refinement trains, a comma list of ``lowrank`` (``A``, ``B``) and
+        ``scales`` (the float group parameters of ``W̃``; its integer codes stay fixed).
     """
 
     format: str = "mxint4"
@@ -95,6 +102,9 @@ class QuantConfig:
     rank_normalize: str = "auto"
     output_weight: str = "none"
     report_spectrum: int = 0
+    refine_steps: int = 0
+    refine_lr: float = 1e-3
+    refine_train: str = "lowrank"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -138,6 +148,7 @@ class QuantConfig:
             raise QeraError(f"gptq_damp must be a number in (0, 1], got {self.gptq_damp!r}")
         self.gptq_damp = float(self.gptq_damp)
         self._check_allocation(uses_rank)
+        self._check_refine(uses_rank)
         if self.propagate == "quantized" and self.pipeline == "oneshot":
             raise QeraError("propagate='quantized' needs pipeline='sequential' (or 'auto')")
         if self.version != CONFIG_VERSION:
@@ -173,6 +184,40 @@ class QuantConfig:
         if self.rank_normalize != "auto" and self.rank_normalize not in NORMALIZERS:
             raise QeraError(f"rank_normalize must be auto or one of {', '.join(NORMALIZERS.names())}, "
                             f"got {self.rank_normalize!r}")
+
+    def _check_refine(self, uses_rank: bool) -> None:
+        steps, lr = self.refine_steps, self.refine_lr
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise QeraError(f"refine_steps must be a non-negative integer, got {steps!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
+            raise QeraError(f"refine_lr must be a number in (0, 1), got {lr!r}")
+        self.refine_lr = float(lr)
+        parts = [p.strip() for p in str(self.refine_train).split(",") if p.strip()]
+        bad = [p for p in parts if p not in REFINE_PARTS]
+        if not parts or bad:
+            raise QeraError(f"refine_train must be a comma list of {', '.join(REFINE_PARTS)}, got {self.refine_train!r}")
+        self.refine_train = ",".join(p for p in REFINE_PARTS if p in parts)
+        if not steps:
+            return
+        if self.pipeline == "oneshot":
+            raise QeraError("refine_steps needs the sequential pipeline (each block is refined over its cached "
+                            "inputs): use pipeline='sequential' or 'auto'")
+        if "lowrank" in parts and not uses_rank:
+            raise QeraError(f"method {self.method!r} has no low-rank term to refine: use refine_train='scales'")
+        if self.act_format is not None:
+            raise QeraError("refine_steps with act_format is not supported: the quantized activations have no gradient")
+        if "scales" in parts:
+            from qera.core.formats.trainable import float_params
+
+            fmt = parse_format(self.format)
+            if not float_params(fmt):
+                raise QeraError(f"format {fmt} has no float group parameters to train (refine_train='scales'): "
+                                "use refine_train='lowrank', or an int/nf format")
+
+    @property
+    def refines(self) -> bool:
+        """Each block is refined after its solve (``refine_steps > 0``)."""
+        return self.refine_steps > 0
 
     @property
     def allocates(self) -> bool:

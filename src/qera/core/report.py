@@ -45,6 +45,8 @@ class QuantReport:
     pipeline: str = "oneshot"
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (sequential: capture, onload, ...)
+    refine_seconds: float = 0.0
+    refinement: list[dict[str, Any]] = field(default_factory=list)  # per block: held-out error before/after, kept
 
     def quality(self) -> dict[str, Any]:
         """The deterministic part of the summary (no timings): bits and output-error ratio."""
@@ -87,12 +89,21 @@ class QuantReport:
                 "and optimal on the observed subspace (-v names each layer)")
 
     def summary(self) -> dict[str, Any]:
-        return {**self.quality(), "calibration_seconds": self.calibration_seconds,
-                "solve_seconds": self.solve_seconds, "pipeline": self.pipeline, "timings": dict(self.timings)}
+        out = {**self.quality(), "calibration_seconds": self.calibration_seconds,
+               "solve_seconds": self.solve_seconds, "pipeline": self.pipeline, "timings": dict(self.timings)}
+        if self.refinement:
+            out.update(refine_seconds=self.refine_seconds, refined_blocks=sum(r["kept"] for r in self.refinement),
+                       refine_error_before=sum(r["loss_before"] for r in self.refinement) / len(self.refinement),
+                       refine_error_after=sum(r["loss_after"] if r["kept"] else r["loss_before"] for r in self.refinement)
+                       / len(self.refinement))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "summary": self.summary(), "notes": list(self.notes),
-                "layers": [dataclasses.asdict(l) for l in self.layers], "qera_version": __version__}
+        out = {"config": self.config.to_dict(), "summary": self.summary(), "notes": list(self.notes),
+               "layers": [dataclasses.asdict(l) for l in self.layers], "qera_version": __version__}
+        if self.refinement:
+            out["refinement"] = [dict(r) for r in self.refinement]
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)

@@ -111,6 +111,7 @@ def round_gptq(W: torch.Tensor, fmt: WeightFormat, R: torch.Tensor | None = None
     if R is None:
         raise QeraError(f"gptq rounding needs the input autocorrelation (Σxᵀx statistics){where(name)}")
     check_weight(W, name)
+    fmt.check_shape(tuple(W.shape), name)
     if W.dim() != 2 or R.shape != (W.shape[1], W.shape[1]):
         raise QeraError(f"gptq: weight {tuple(W.shape)} and autocorrelation {tuple(R.shape)} do not fit{where(name)}")
     out_f, in_f = W.shape
@@ -144,7 +145,7 @@ def _sweep(Wp: torch.Tensor, Q: torch.Tensor, U: torch.Tensor, fmt: WeightFormat
                 if j % g == 0:  # entering a group: fit on the weights as updated so far
                     params.append(fmt.fit(W1[:, j:j + g].unsqueeze(1)))
                 w = W1[:, j]
-                q = fmt.round_to_grid(w.view(-1, 1, 1), params[-1]).view(-1)
+                q = fmt.round_to_grid(w.view(-1, 1, 1), fmt.column_params(params[-1], j % g, 1)).view(-1)
                 Q[:, b0 + j] = q
                 e = (w - q) / U[b0 + j, b0 + j]
                 W1[:, j:] -= e.unsqueeze(1) * U[b0 + j, b0 + j:b1].unsqueeze(0)

@@ -75,17 +75,44 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def sample_windows(tokens: torch.Tensor, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """``n_samples`` random windows of ``seq_len`` tokens (GPTQ-style calibration), shape ``(n, L)``."""
+def window_starts(n_tokens: int, n_samples: int, seq_len: int, seed: int = 0) -> list[int]:
+    """Start offsets of :func:`sample_windows`' windows in a text of ``n_tokens`` tokens."""
     if n_samples < 1 or seq_len < 2:
         raise QeraError(f"need n_samples >= 1 and seq_len >= 2, got {n_samples} and {seq_len}")
-    if tokens.numel() <= seq_len:
-        raise QeraError(
-            f"calibration text has {tokens.numel()} tokens; need more than seq_len={seq_len}"
-        )
+    if n_tokens <= seq_len:
+        raise QeraError(f"calibration text has {n_tokens} tokens; need more than seq_len={seq_len}")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seq_len, (n_samples,), generator=gen)
-    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+    return torch.randint(0, n_tokens - seq_len, (n_samples,), generator=gen).tolist()
+
+
+def sample_windows(tokens: torch.Tensor, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``n_samples`` random windows of ``seq_len`` tokens (GPTQ-style calibration), shape ``(n, L)``."""
+    starts = window_starts(tokens.numel(), n_samples, seq_len, seed)
+    return torch.stack([tokens[s : s + seq_len] for s in starts])
+
+
+def heldout_windows(tokens: torch.Tensor, n_windows: int, seq_len: int, *, calib_samples: int, calib_len: int,
+                    seed: int = 0) -> torch.Tensor:
+    """``n_windows`` non-overlapping windows ``(n, seq_len)`` of ``tokens`` that share no token with the
+    calibration windows ``sample_windows(tokens, calib_samples, calib_len, seed)`` draws: validation
+    data from the calibration text that the calibration never read (for choosing settings, never
+    the test split). Taken in text order; raises when the text has fewer such windows."""
+    used = torch.zeros(tokens.numel() + 1, dtype=torch.int32)
+    for s in window_starts(tokens.numel(), calib_samples, calib_len, seed):
+        used[s] += 1
+        used[s + calib_len] -= 1
+    free = used.cumsum(0)[: tokens.numel()] == 0
+    out, pos = [], 0
+    while len(out) < n_windows and pos + seq_len <= tokens.numel():
+        if bool(free[pos:pos + seq_len].all()):
+            out.append(tokens[pos:pos + seq_len])
+            pos += seq_len
+        else:
+            pos += 1 + int(torch.nonzero(~free[pos:pos + seq_len])[-1])
+    if len(out) < n_windows:
+        raise QeraError(f"the text has {len(out)} windows of {seq_len} tokens outside the calibration windows, "
+                        f"asked for {n_windows}")
+    return torch.stack(out)
 
 
 def bos_id(tokenizer) -> int | None:

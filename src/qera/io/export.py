@@ -360,12 +360,20 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | os.PathLike, *, s
     return Path(out_dir)
 
 
+@EXPORTERS.register("gguf")
+def export_gguf(model: nn.Module, out_dir: str | os.PathLike, **options: Any) -> Path:
+    """llama.cpp: ``OUT/model.gguf`` + ``OUT/adapter.gguf`` (see :mod:`qera.io.gguf_export`)."""
+    from qera.io.gguf_export import export_gguf as write
+
+    return write(model, out_dir, **options)
+
+
 def export(src: str | os.PathLike | nn.Module, out_dir: str | os.PathLike, to: str = "compressed-tensors", *,
            overwrite: bool = False, tokenizer=None, **options: Any) -> Path:
     """Export a qera checkpoint directory (or a model with ``QERALinear`` layers) to ``to``; returns ``out_dir``.
 
-    Targets: :data:`EXPORTERS` (``compressed-tensors``). ``options`` go to the target
-    (``scale_dtype`` for compressed-tensors). A directory is loaded with packed weights only.
+    Targets: :data:`EXPORTERS` (``compressed-tensors``, ``gguf``). ``options`` go to the target
+    (``scale_dtype`` for compressed-tensors; ``gguf_source``, ``base_type`` for gguf). A directory is loaded with packed weights only.
     """
     from qera.util.atomic import refuse_existing
     from qera.io.checkpoint import load_quantized

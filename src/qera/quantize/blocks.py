@@ -94,9 +94,11 @@ class BlockWalk:
     @classmethod
     def prepare(cls, model: nn.Module, targets: dict[str, nn.Module], batches: list, kinds, device, placer,
                 max_memory: int | None, gpu_memory: int | None, offload_dir, dist=None,
-                inputs: bool = True) -> "BlockWalk":
+                inputs: bool = True, refine_rank: int | None = None) -> "BlockWalk":
         """Set the walk up; ``inputs=False`` walks the blocks without running anything through them
-        (no batches, no captured activations: the statistics come from elsewhere)."""
+        (no batches, no captured activations: the statistics come from elsewhere). ``refine_rank``:
+        the blocks are refined with low-rank terms of about this rank (the plan counts a second
+        activation stream and the refinement's working set)."""
         blocks_name, blocks = find_blocks(model, list(targets))
         by_block = split_by_block(targets, blocks_name)
         if not inputs:
@@ -118,7 +120,7 @@ class BlockWalk:
         probe = capture_probe(runner, blocks, batches[0], input_device, device, tuple_out)
         calls = call_bytes(runner, blocks, batches, input_device, tuple_out)
         plan = _plan(blocks[0], prefix0, by_block.get(0, {}), probe, batches, device, kinds, gpu_memory, max_memory,
-                     prefetch=placer.prefetches and len(blocks) > 1, calls=calls)
+                     prefetch=placer.prefetches and len(blocks) > 1, calls=calls, refine_rank=refine_rank)
         plan_log.info("%s", plan.describe())
         captured = capture_block_inputs(runner, blocks, batches, input_device, device, tuple_out, plan.activations,
                                         probe, offload_dir=offload_dir)
@@ -128,9 +130,11 @@ class BlockWalk:
 
 
 def _plan(block: nn.Module, prefix: str, names: dict[str, nn.Module], probe, batches, device: torch.device, kinds,
-          gpu_memory: int | None, max_memory: int | None, prefetch: bool = False, calls: int = 0) -> Plan:
+          gpu_memory: int | None, max_memory: int | None, prefetch: bool = False, calls: int = 0,
+          refine_rank: int | None = None) -> Plan:
     """Size one block's work (block 0 stands for all) and place the activations within the budgets
-    (``calls``: bytes of every batch's block-call tensors, see :func:`~qera.calibrate.capture.call_bytes`)."""
+    (``calls``: bytes of every batch's block-call tensors, see :func:`~qera.calibrate.capture.call_bytes`;
+    ``refine_rank``: see :meth:`BlockWalk.prepare`)."""
     probe_hidden, probe_calls = probe
     mods = block_modules(block, prefix, names)
     groups = probe_shared_inputs(mods, lambda: probe_calls[0](block, probe_hidden)) if mods else {}
@@ -143,8 +147,18 @@ def _plan(block: nn.Module, prefix: str, names: dict[str, nn.Module], probe, bat
     # with prefetch on a GPU the previous block may still be on its way home: its quantized layers are
     # bounded by the block's own size, so count one more block (the next one and the previous one)
     ahead = (2 if device.type == "cuda" else 1) * weights if prefetch else 0
-    needs = BlockNeeds(weights, stats, solve, activation_bytes(batches, probe_hidden.shape[-1], probe_hidden.dtype),
-                       ahead, calls)
+    activations = activation_bytes(batches, probe_hidden.shape[-1], probe_hidden.dtype)
+    refine = 0
+    if refine_rank is not None:
+        shapes = [linear_shape(m) for m in mods.values()]
+        tokens = max(b["input_ids"].numel() for b in batches)
+        inter = max((max(o, i) for o, i in shapes), default=0)
+        # float32 W̃ per layer; A, B, their gradients and Adam's moments (4 float32 copies); autograd's
+        # saved activations of one batch, ~(16·hidden + 4·intermediate) float32 values per token (estimate)
+        refine = sum(4 * o * i + 16 * refine_rank * (o + i) for o, i in shapes) \
+            + 4 * tokens * (16 * probe_hidden.shape[-1] + 4 * inter)
+        activations *= 2
+    needs = BlockNeeds(weights, stats, solve, activations, ahead, calls, refine)
     gpu_budget = gpu_memory
     if device.type == "cuda" and gpu_budget is None:
         free, _ = torch.cuda.mem_get_info(device)

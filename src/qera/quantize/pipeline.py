@@ -80,6 +80,8 @@ def choose_pipeline(config: QuantConfig, model: nn.Module, targets: Mapping[str,
         return "sequential", "the model is streamed from its shards, so it is quantized block by block"
     if config.propagate == "quantized":
         return "sequential", "propagate='quantized' needs the sequential pipeline"
+    if config.refines:
+        return "sequential", "refinement runs block by block"
     budget = max_memory if max_memory is not None else default_budget()
     probe = next(iter(calibration), None) if calibration is not None else None
     need = oneshot_stats_estimate(model, targets, kinds, probe)

@@ -21,7 +21,11 @@ class BlockNeeds:
     the cached block inputs of every calibration batch; prefetch: blocks resident beside this one
     (the next, brought in while this one computes, and on a GPU the previous, on its way home;
     0 without prefetching); calls: the tensors every batch's block call takes besides the hidden
-    state (rotary tables, attention masks of padded batches), kept on the compute device.
+    state (rotary tables, attention masks of padded batches), kept on the compute device;
+    refine: the block refinement's working set beside the solved block (float32 ``W̃`` of each
+    layer, ``A``/``B`` with gradients and Adam's two moments, the autograd activations of one batch;
+    0 without refinement), which replaces the solve's at its peak. With refinement, ``activations``
+    counts both streams (the run's and the full-precision targets).
     """
 
     weights: int
@@ -30,11 +34,12 @@ class BlockNeeds:
     activations: int
     prefetch: int = 0
     calls: int = 0
+    refine: int = 0
 
     @property
     def per_block(self) -> int:
         """What must be on the compute device whatever the activations' place."""
-        return self.weights + self.prefetch + self.statistics + self.solve + self.calls
+        return self.weights + self.prefetch + self.statistics + max(self.solve, self.refine) + self.calls
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,9 @@ class Plan:
                  (f"; host budget {format_size(self.host_budget)}" if self.host_budget is not None else "")
         ahead = f" + blocks in flight {format_size(n.prefetch)}" if n.prefetch else ""
         calls = f" + block call tensors {format_size(n.calls)}" if n.calls else ""
+        refine = f" (refinement ≤ {format_size(n.refine)})" if n.refine else ""
         return (f"plan: one block at a time on {self.device} (weights {format_size(n.weights)}{ahead} + statistics "
-                f"{format_size(n.statistics)} + solve ≤ {format_size(n.solve)}{calls}); activations "
+                f"{format_size(n.statistics)} + solve ≤ {format_size(n.solve)}{refine}{calls}); activations "
                 f"{format_size(n.activations)} {where}{budget}")
 
 

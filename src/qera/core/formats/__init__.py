@@ -1,8 +1,8 @@
 """Weight formats: a registry of format families and the spec-string parser.
 
-A spec is ``<family><bits>[:key=value|:flag]...``, e.g. ``mxint4``, ``mxint3:block=16``,
-``int4:group=128:asym``, ``nf4``. Adding a format is one module with a registered
-:class:`~qera.core.formats.base.WeightFormat` subclass.
+A spec is ``<family><bits>[_<kind>][:key=value|:flag]...``, e.g. ``mxint4``, ``mxint3:block=16``,
+``int4:group=128:asym``, ``nf4``, or a GGUF block type such as ``q4_k`` (family ``q``, kind ``k``).
+Adding a format is one module with a registered :class:`~qera.core.formats.base.WeightFormat` subclass.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 
 from qera.util.errors import QeraError
 from qera.core.formats.base import FORMATS, QuantizedWeight, WeightFormat
-from qera.core.formats import mxint, integer, normalfloat  # noqa: F401  (registration)
+from qera.core.formats import mxint, integer, normalfloat, gguf  # noqa: F401  (registration)
 from qera.core.formats.packing import pack_bits, unpack_bits
 
-_SPEC = re.compile(r"^([a-z]+)(\d+)$")
+_SPEC = re.compile(r"^([a-z]+)(\d+)(?:_([a-z0-9]+))?$")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -32,13 +32,17 @@ def parse_format(spec: "str | WeightFormat") -> WeightFormat:
     m = _SPEC.match(head)
     if not m:
         raise QeraError(
-            f"cannot parse format {spec!r}: expected <family><bits> such as 'mxint4'; "
-            f"known families: {', '.join(FORMATS.names())}"
+            f"cannot parse format {spec!r}: expected <family><bits> such as 'mxint4' (or a GGUF type such as "
+            f"'q4_k'); known families: {', '.join(FORMATS.names())}"
         )
-    family, bits = m.group(1), int(m.group(2))
+    family, bits, kind = m.group(1), int(m.group(2)), m.group(3)
     cls = FORMATS.get(family)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "bits"}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("bits", "kind")}
     kwargs: dict[str, object] = {}
+    if kind is not None:
+        if "kind" not in {f.name for f in dataclasses.fields(cls)}:
+            raise QeraError(f"format {spec!r}: family {family} takes no _{kind} suffix (only GGUF types such as q4_k do)")
+        kwargs["kind"] = kind
     for opt in opts:
         key, sep, value = opt.partition("=")
         key, value = key.strip(), value.strip()

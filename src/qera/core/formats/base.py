@@ -131,6 +131,14 @@ class WeightFormat(ABC):
     def values(self, codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """The float32 values of ``codes`` ``(rows, groups, n)`` under ``params`` ``(rows, groups)``."""
 
+    def column_params(self, params: dict[str, torch.Tensor], start: int, n: int) -> dict[str, torch.Tensor]:
+        """The parameters that round values ``start .. start + n - 1`` of each group (GPTQ rounds a column
+        at a time). Formats whose parameters are the same across a group return ``params`` unchanged."""
+        return params
+
+    def check_shape(self, shape: tuple[int, ...], name: str | None = None) -> None:
+        """Raise a :class:`QeraError` naming the layer if a weight of ``shape`` cannot be stored (any can, here)."""
+
     def round_to_grid(self, blocks: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Nearest representable values of ``blocks`` ``(rows, groups, n)`` under fixed ``params``."""
         return self.values(self.codes(blocks, params), params)
@@ -165,6 +173,7 @@ class WeightFormat(ABC):
         """Quantize ``w``; large weights are encoded ``chunk_elems`` at a time (rows are independent,
         so the stored tensors are bit-identical to one-shot encoding, with far smaller temporaries)."""
         check_weight(w, name)
+        self.check_shape(tuple(w.shape), name)
         try:
             rows, cols, step = _row_chunks(w.shape, chunk_elems)
             if rows <= step:

@@ -157,8 +157,10 @@ class CheckpointWriter:
         return n
 
     # -- blocks ---------------------------------------------------------------------------------
-    def add_block(self, index: int, prefix: str, block: nn.Module, reports: Iterable = ()) -> None:
-        """Write block ``index`` (all its tensors, quantized or not) and record it as finished."""
+    def add_block(self, index: int, prefix: str, block: nn.Module, reports: Iterable = (),
+                  refinement: Mapping[str, Any] | None = None) -> None:
+        """Write block ``index`` (all its tensors, quantized or not) and record it as finished
+        (with its layers' reports and its refinement's record, for a resumed run's report)."""
         import dataclasses
 
         layers = {prefix + n: layer_meta(m) for n, m in quantized_layers(block).items()}
@@ -169,6 +171,8 @@ class CheckpointWriter:
             "file": name, "layers": layers, "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
             "reports": [dataclasses.asdict(r) for r in reports],
         }
+        if refinement is not None:
+            self.state["blocks"][str(index)]["refinement"] = dict(refinement)
         self._save_state()
 
     def stored_layers(self, index: int) -> dict[str, QERALinear]:
@@ -187,6 +191,10 @@ class CheckpointWriter:
         from qera.core.report import LayerReport
 
         return [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in self.state["blocks"][str(index)]["reports"]]
+
+    def stored_refinement(self, index: int) -> dict[str, Any] | None:
+        """The refinement record of a finished block (None when it was not refined)."""
+        return self.state["blocks"][str(index)].get("refinement")
 
     # -- the end --------------------------------------------------------------------------------
     def finalize(self, rest: Mapping[str, torch.Tensor], *, tied: Mapping[str, str] | None = None,

@@ -1,0 +1,249 @@
+"""Block-wise refinement: train a decoder block's correction against the full-precision block.
+
+After a block's closed-form solve, its quantized layers (``W̃ + B A``) are trained for a few hundred
+Adam steps to lower the block's output error
+
+    L = Σ_tokens ‖block_q(x) − y_fp‖² / Σ_tokens ‖y_fp‖²
+
+over the cached calibration inputs ``x`` (the quantized model's own inputs with
+``propagate="quantized"``) and the full-precision block's outputs ``y_fp`` (on the full-precision
+model's inputs). One cached calibration batch per step. What is trained (``refine_train``):
+
+- ``lowrank``: ``A`` and ``B`` (float32 masters, stored back in the checkpoint's low-rank dtype);
+- ``scales``: the float group parameters of ``W̃`` with its integer codes fixed
+  (:mod:`qera.core.formats.trainable`), stored back in the format's dtype (fp16).
+
+Whatever is trained is cast to what the checkpoint stores before it is used, so the refined model
+in memory and the saved checkpoint compute the same logits. The result is kept only if it lowers
+the loss on held-out calibration batches (one in eight, when there are at least four batches);
+otherwise the closed-form layers stay. Deterministic for a given seed and block index.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qera.core.formats import trainable
+from qera.nn.modules import QERALinear
+from qera.nn.targets import replace_module
+from qera.util.errors import QeraError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """steps: optimizer steps; lr: Adam's peak learning rate (cosine decay to 0); train: the parts
+    trained (``lowrank``, ``scales``); seed: seeds the batch order (with the block index)."""
+
+    steps: int
+    lr: float = 1e-3
+    train: tuple[str, ...] = ("lowrank",)
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config) -> "RefineSettings":
+        return cls(config.refine_steps, config.refine_lr, tuple(config.refine_train.split(",")), config.seed)
+
+
+@dataclass
+class RefineResult:
+    """One block's refinement: held-out loss before and after, whether it was kept, steps and batches used."""
+
+    block: int
+    loss_before: float
+    loss_after: float
+    kept: bool
+    steps: int
+    train_batches: int
+    heldout_batches: int
+    first_train_loss: float
+    last_train_loss: float
+
+    def as_dict(self) -> dict:
+        """JSON-ready: a non-finite loss (diverged, or not computed) becomes None."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class BlockData:
+    """The data one block is refined on: per batch, the block's call, its input, its target and the
+    rows that count (None: all)."""
+
+    calls: Sequence[Callable[[nn.Module, torch.Tensor], torch.Tensor]]
+    inputs: Callable[[int], torch.Tensor]
+    targets: Callable[[int], torch.Tensor]
+    masks: Sequence[torch.Tensor | None]
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+
+class TrainableLinear(nn.Module):
+    """A :class:`QERALinear`'s computation with its trained parts as float32 parameters.
+
+    ``y = x W̃ᵀ + (x Aᵀ) Bᵀ + b`` where ``W̃`` is a fixed dense buffer, or, when ``scales`` are
+    trained, ``values(codes, params)`` rebuilt each forward from fixed codes.
+    """
+
+    def __init__(self, layer: QERALinear, train: Sequence[str]) -> None:
+        super().__init__()
+        self._source = (layer,)  # not a submodule: the block sees only this layer while it trains
+        dev = layer.A.device
+        self.A = nn.Parameter(layer.A.detach().to(torch.float32).clone(), requires_grad="lowrank" in train)
+        self.B = nn.Parameter(layer.B.detach().to(torch.float32).clone(), requires_grad="lowrank" in train)
+        self.bias = None if layer.bias is None else layer.bias.detach()
+        qw = layer.packed_weight
+        self.trains_scales = "scales" in train
+        if self.trains_scales:
+            codes, params = trainable.split(qw)
+            names = set(trainable.float_params(qw.fmt))
+            self.register_buffer("codes", codes)
+            self.fixed = {k: v for k, v in params.items() if k not in names}
+            self.params = nn.ParameterDict({k: nn.Parameter(v.to(torch.float32).clone()) for k, v in params.items()
+                                            if k in names})
+            with torch.no_grad():
+                if not torch.equal(self.weight(), qw.dequantize(torch.float32)):
+                    raise QeraError(f"format {qw.fmt}: its values from codes and parameters differ from its decode")
+        else:
+            self.register_buffer("W", qw.dequantize(torch.float32).to(dev))
+
+    @property
+    def source(self) -> QERALinear:
+        return self._source[0]
+
+    def weight(self) -> torch.Tensor:
+        """Float32 ``W̃`` ``(out, in)``."""
+        if not self.trains_scales:
+            return self.W
+        return trainable.weight_of(self.source.fmt, self.codes, {**self.fixed, **self.params},
+                                   (self.source.out_features, self.source.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.linear(x, self.weight().to(x.dtype), bias)
+        if self.A.shape[0]:
+            y = y + F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
+        return y
+
+    def stored(self) -> QERALinear:
+        """The trained layer as the checkpoint stores it (low-rank and parameters in their stored dtypes)."""
+        src = self.source
+        qw = src.packed_weight
+        if self.trains_scales:
+            qw = trainable.with_params(qw, {k: v.detach() for k, v in self.params.items()})
+        A = self.A.detach().to(src.A.dtype)
+        B = self.B.detach().to(src.B.dtype)
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise QeraError("refined A/B do not fit the low-rank dtype (NaN/Inf after the cast)")
+        return QERALinear(qw, A, B, src.bias, src.cache_weight, src.merge_lowrank, act_format=src.act_format)
+
+
+def _loss_terms(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ‖out − target‖², Σ‖target‖²)`` over the rows of ``mask`` (float32)."""
+    diff = (out.float() - target.float()).pow(2).sum(-1)
+    ref = target.float().pow(2).sum(-1)
+    if mask is not None:
+        m = mask.reshape(diff.shape).to(diff.dtype)
+        diff, ref = diff * m, ref * m
+    return diff.sum(), ref.sum()
+
+
+def block_loss(block: nn.Module, data: BlockData, batches: Sequence[int]) -> float:
+    """The relative output error of ``block`` over ``batches`` (no gradients)."""
+    num = den = 0.0
+    with torch.no_grad():
+        for b in batches:
+            d, r = _loss_terms(data.calls[b](block, data.inputs(b)), data.targets(b), data.masks[b])
+            num += float(d)
+            den += float(r)
+    return num / den if den > 0 else 0.0
+
+
+def split_batches(n: int) -> tuple[list[int], list[int]]:
+    """``(train, held out)`` batch indices: one in eight held out (the last ones) when ``n >= 4``,
+    otherwise every batch does both."""
+    if n >= 4:
+        held = max(1, n // 8)
+        return list(range(n - held)), list(range(n - held, n))
+    return list(range(n)), list(range(n))
+
+
+def _swap(block: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Put ``layers`` (names relative to ``block``) in; returns what was there."""
+    return {name: replace_module(block, name, new) for name, new in layers.items()}
+
+
+def _stored(trainables: dict[str, TrainableLinear], index: int) -> dict[str, QERALinear] | None:
+    """The trained layers as stored, or None (with a warning) when a value does not fit its stored dtype."""
+    try:
+        return {name: t.stored() for name, t in trainables.items()}
+    except QeraError as exc:
+        log.warning("block %d: %s; closed-form layers kept", index, exc)
+        return None
+
+
+def refine_block(block: nn.Module, layers: dict[str, QERALinear], data: BlockData, settings: RefineSettings,
+                 index: int = 0) -> tuple[dict[str, QERALinear], RefineResult]:
+    """Refine ``layers`` (names relative to ``block``, already in it) on ``data``.
+
+    Returns the layers to keep (the refined ones, or the given ones when refinement did not lower
+    the held-out loss) and the block's :class:`RefineResult`. The block holds the returned layers.
+    """
+    if not layers:
+        raise QeraError(f"block {index}: nothing to refine")
+    train_b, held_b = split_batches(len(data))
+    before = block_loss(block, data, held_b)
+    trainables = {name: TrainableLinear(layer, settings.train) for name, layer in layers.items()}
+    frozen = [(p, p.requires_grad) for p in block.parameters()]
+    params = [p for t in trainables.values() for p in t.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
+    first = last = float("nan")
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        _swap(block, trainables)
+        opt = torch.optim.Adam(params, lr=settings.lr)
+        order: list[int] = []
+        with torch.enable_grad():
+            for step in range(settings.steps):
+                if not order:
+                    order = [train_b[int(j)] for j in torch.randperm(len(train_b), generator=gen)]
+                b = order.pop()
+                for group in opt.param_groups:
+                    group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
+                d, r = _loss_terms(data.calls[b](block, data.inputs(b)), data.targets(b), data.masks[b])
+                loss = d / r.clamp_min(torch.finfo(torch.float32).tiny)
+                last = float(loss.detach())
+                first = last if step == 0 else first
+                if not math.isfinite(last):  # diverged: the held-out check below keeps the closed form
+                    log.warning("block %d: refinement loss is %s at step %d (lower refine_lr)", index, last, step)
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        refined = _stored(trainables, index) if math.isfinite(last) else None
+    finally:
+        _swap(block, layers)  # the closed-form layers go back whatever happened
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    after = float("nan")
+    if refined is not None:
+        _swap(block, refined)
+        after = block_loss(block, data, held_b)
+    kept = after < before  # False for NaN
+    if not kept and refined is not None:
+        _swap(block, layers)
+        log.warning("block %d: refinement did not lower the held-out block error (%.4g -> %.4g): "
+                    "closed-form layers kept", index, before, after)
+    heldout = 0 if set(held_b) & set(train_b) else len(held_b)
+    result = RefineResult(index, before, after, kept, settings.steps, len(train_b), heldout, first, last)
+    log.info("block %d refined: held-out error %.4g -> %.4g%s", index, before, after, "" if kept else " (not kept)")
+    return (refined if kept else layers), result
