@@ -9,8 +9,9 @@ is scored on the validation windows (and on the test windows with ``--test``), a
     python experiments/refine_smollm2.py --rows "mxint3@8;mxint3@8:refine=64,lr=1e-4" --out runs/refine
 
 A row is ``FORMAT@RANK[:key=value,...]`` with keys ``refine`` (steps), ``lr``, ``train``
-(``lowrank`` or ``lowrank+scales``), ``method``, ``rounding``, ``batch`` (windows per calibration
-batch = per refinement step).
+(``+``-joined parts: ``lowrank``, ``scales``, ``rounding``), ``method``, ``rounding``, ``batch``
+(windows per calibration batch = per refinement step), ``budget`` (a rank budget: ranks allocated
+per block, ``error`` normalization in the sequential pipeline).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def parse_row(spec: str) -> dict:
     head, _, opts = spec.partition(":")
     fmt, rank = head.split("@")
     row = {"format": fmt, "rank": int(rank), "refine": 0, "lr": 1e-3, "train": "lowrank", "method": "qera-exact",
-           "rounding": "rtn", "batch": 2}
+           "rounding": "rtn", "batch": 2, "budget": 0.0}
     for kv in filter(None, opts.split(",")):
         k, v = kv.split("=")
         row[k] = type(row[k])(v) if k in row and not isinstance(row[k], str) else v
@@ -78,7 +79,8 @@ def main() -> None:
         calib = calibration_batches(tok, valid, n_samples=args.calib_samples, seq_len=512, seed=0, batch_size=r["batch"])
         cfg = QuantConfig(format=r["format"], method=r["method"], rank=r["rank"] if r["method"] != "w-only" else 0,
                           rounding=r["rounding"], pipeline="sequential", propagate="quantized",
-                          refine_steps=r["refine"], refine_lr=r["lr"], refine_train=r["train"])
+                          refine_steps=r["refine"], refine_lr=r["lr"], refine_train=r["train"],
+                          rank_budget=r["budget"] or None)
         originals = dict(find_targets(model, cfg.include, cfg.exclude))
         t0 = time.perf_counter()
         try:

@@ -82,6 +82,34 @@ def test_unequal_costs_within_budget_and_never_worse_than_uniform():
     assert ranks["l0"] == 9 and sum(ranks[c.name] * c.cost for c in curves) <= budget
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_floor_keeps_every_layer_and_is_the_optimum_above_it(seed):
+    """With a floor, every free layer keeps at least that rank (fixed ranks stay as set), the budget
+    holds, and above the floor the greedy is still the exact optimum (brute force, equal costs)."""
+    from qera.core.allocation import floor_rank
+
+    g = torch.Generator().manual_seed(seed)
+    # one layer's gains dwarf the others': without a floor it takes nearly the whole budget
+    curves = [ErrorCurve(f"l{j}", torch.rand(12, generator=g, dtype=torch.float64).sort(descending=True).values
+                         * (1000.0 if j == 0 else 1.0), 7, 1.0) for j in range(4)]
+    budget = 7 * 12
+    assert min(allocate_ranks(curves, budget, "none").values()) == 0
+    assert floor_rank(curves, budget, 0.25) == 0 and floor_rank(curves, budget, 0.5) == 1
+    ranks = allocate_ranks(curves, budget, "none", floor=2)
+    assert min(ranks.values()) >= 2 and sum(ranks.values()) * 7 <= budget
+    best = min(_total_error(curves, dict(zip([c.name for c in curves], rs)), "none")
+               for rs in itertools.product(range(2, 13), repeat=4) if sum(rs) * 7 <= budget)
+    assert _total_error(curves, ranks, "none") == pytest.approx(best, rel=1e-12)
+    curves[1].fixed = 1  # a user's rank is kept below the floor too, and paid
+    ranks = allocate_ranks(curves, budget, "none", floor=2)
+    assert ranks["l1"] == 1 and all(ranks[c.name] >= 2 for c in curves if c.fixed is None)
+    assert floor_rank(curves, budget, 0.5) == int(0.5 * (budget - 7) / 21)
+    with pytest.raises(ValueError, match="floor of rank 5"):
+        allocate_ranks(curves, budget, "none", floor=5)
+    with pytest.raises(ValueError, match="share"):
+        floor_rank(curves, budget, 1.5)
+
+
 def test_budget_params_two_ways():
     shapes = {"a": (64, 32), "b": (96, 32)}
     assert budget_params(shapes, rank_budget=8) == 8 * (96 + 128)
@@ -194,8 +222,9 @@ def test_cli_rank_budget_and_info(tmp_path, capsys, model_dir, text_file):
 
 
 def test_output_sensitivity_equals_direct_autograd(batches):
-    """E‖∂L/∂y‖²/out per layer, against torch.autograd.grad on the captured outputs; no weight
-    gradients are made, requires_grad flags and hooks are put back."""
+    """E‖∂L/∂y‖²/out per layer, against torch.autograd.grad on the captured outputs, unweighted and
+    with each token weighted by its input energy; no weight gradients are made, requires_grad flags
+    and hooks are put back."""
     from qera import find_targets
     from qera.calibrate.sensitivity import output_sensitivity
 
@@ -203,19 +232,100 @@ def test_output_sensitivity_equals_direct_autograd(batches):
     targets = find_targets(model)
     model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a mixed state must come back as it was
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    got = output_sensitivity(model, batches, targets)
+    got = {tw: output_sensitivity(model, batches, targets, token_weight=tw) for tw in ("none", "input")}
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
     assert all(not m._forward_hooks for m in model.modules())
-    want = {n: 0.0 for n in targets}
-    tokens = 0
+    want = {tw: dict.fromkeys(targets, 0.0) for tw in ("none", "input")}
+    norm = {"none": 0.0, "input": dict.fromkeys(targets, 0.0)}
     for b in batches:  # the summed token losses of each window (a window's loss does not depend on the others)
+        ins = _inputs(model, b, targets)
         for n, g in direct_output_gradients(model, b, targets).items():
-            want[n] += float((g.double() ** 2).sum()) / g.shape[-1]
-        tokens += int(b["attention_mask"].sum())
+            g2 = (g.double() ** 2).sum(-1) / g.shape[-1]  # (batch, seq)
+            xw = ins[n].double().pow(2).sum(-1)
+            want["none"][n] += float(g2.sum())
+            want["input"][n] += float((g2 * xw).sum())
+            norm["input"][n] += float(xw.sum())
+        norm["none"] += int(b["attention_mask"].sum())
     for n in targets:
-        assert got[n] == pytest.approx(want[n] / tokens, rel=1e-5)
-    assert len({round(v, 12) for v in got.values()}) > 3  # layers really differ
+        assert got["none"][n] == pytest.approx(want["none"][n] / norm["none"], rel=1e-5)
+        assert got["input"][n] == pytest.approx(want["input"][n] / norm["input"][n], rel=1e-5)
+    assert len({round(v, 12) for v in got["input"].values()}) > 3  # layers really differ
+
+
+def _inputs(model, batch, targets) -> dict:
+    """``{layer: x}``: each target's input on ``batch`` (forward hooks, no gradients)."""
+    ins = {}
+    hs = [m.register_forward_hook(lambda mod, a, o, n=n: ins.__setitem__(n, a[0].detach())) for n, m in targets.items()]
+    try:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    finally:
+        for h in hs:
+            h.remove()
+    return ins
+
+
+class _PostNormLM(torch.nn.Module):
+    """embedding (token rows of norms over two decades) → linear → RMSNorm → head: behind the norm
+    ``‖∂L/∂y_t‖ ∝ 1/rms(y_t)``, so the loss gradients are largest on the tokens whose inputs (and
+    errors) are smallest — Gemma-3's post-attention and post-feedforward norms in miniature."""
+
+    def __init__(self, vocab: int = 64, dim: int = 32) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.lin = torch.nn.Linear(dim, dim, bias=False)
+        self.norm = torch.nn.RMSNorm(dim)
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(vocab, dim, generator=g) * torch.logspace(-1, 1, vocab)[:, None])
+            self.lin.weight.copy_(torch.randn(dim, dim, generator=g) / dim ** 0.5)
+            self.head.weight.copy_(torch.randn(vocab, dim, generator=g))
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed
+
+    def forward(self, input_ids, attention_mask=None, labels=None, use_cache=False):
+        from types import SimpleNamespace
+
+        logits = self.head(self.norm(self.lin(self.embed(input_ids))))
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+def test_token_weighted_sensitivity_is_the_token_by_token_cost_behind_a_post_norm():
+    """Issue 28's cause in miniature. For an error whose size follows its input's energy
+    (``DᵀD = α² I``), the loss's token-by-token cost ``Σ_t ‖g_t‖² ‖D x_t‖² / out`` is exactly the
+    input-weighted sensitivity times ``trace(D R Dᵀ)``; averaging gradients and errors separately
+    (``token_weight="none"``) overstates it many times over behind a normalization."""
+    from qera.calibrate.sensitivity import output_sensitivity
+
+    model = _PostNormLM().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (4, 40), generator=g)
+    batches = [{"input_ids": ids[:2], "attention_mask": torch.ones_like(ids[:2])},
+               {"input_ids": ids[2:], "attention_mask": torch.ones_like(ids[2:])}]
+    targets = {"lin": model.lin}
+    alpha = 0.01
+    cost, energy, tokens = 0.0, 0.0, 0
+    for b in batches:
+        x = model.embed(b["input_ids"]).detach()
+        y = model.lin(x).detach().requires_grad_()
+        logits = model.head(model.norm(y))
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), b["input_ids"][:, 1:].flatten(),
+                                                 reduction="sum")
+        (gy,) = torch.autograd.grad(loss, y)
+        xn = x.double().pow(2).sum(-1)
+        cost += float((gy.double().pow(2).sum(-1) * alpha ** 2 * xn).sum()) / 32  # ‖D x_t‖² = α²‖x_t‖²
+        energy += float(alpha ** 2 * xn.sum())  # trace(D R Dᵀ) · tokens
+        tokens += xn.numel()
+    est = {tw: output_sensitivity(model, batches, targets, token_weight=tw)["lin"] * energy
+           for tw in ("input", "none")}
+    assert est["input"] == pytest.approx(cost, rel=1e-5)
+    assert est["none"] > 10 * cost
 
 
 def test_fisher_normalization_in_the_pipeline(stats, batches):

@@ -52,7 +52,8 @@ def test_metrics_against_scipy():
     assert c["accuracy"] == 0.5 and c["f1"] == pytest.approx(0.5)
 
 
-def test_finetune_clm_cli(tmp_path, capsys):
+@pytest.mark.parametrize("refine", [[], ["--refine", "4", "--refine-train", "lowrank,rounding"]])
+def test_finetune_clm_cli(tmp_path, capsys, refine):
     d = tmp_path / "model"
     tiny_llama().save_pretrained(d)
     byte_tokenizer().save_pretrained(d)
@@ -61,10 +62,11 @@ def test_finetune_clm_cli(tmp_path, capsys):
                  "--format", "mxint3", "--rank", "4", "--seq-len", "64", "--max-train-samples", "16",
                  "--max-eval-samples", "4", "--epochs", "3", "--batch-size", "4", "--lr", "3e-3", "--calib-text", str(text),
                  "--calib-samples", "8", "--calib-seq-len", "32", "--out", str(tmp_path / "run"), "--json", "--no-progress",
-                 "--save-model"])
+                 "--save-model", *refine])
     out = capsys.readouterr()
     assert code == 0, out.err
     result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["refine_steps"] == (4 if refine else 0)
     assert result["final"]["eval_perplexity"] < result["initial"]["eval_perplexity"]
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
     from qera.finetune.qpeft import load_qpeft

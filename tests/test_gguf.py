@@ -344,6 +344,49 @@ def test_cli_export_to_gguf(tmp_path, capsys, source):
     assert code == 2 and "--gguf-source" in err and "\n" not in err
 
 
+
+def test_format_fallback_for_widths_the_k_quants_cannot_store(tmp_path, batches):
+    """SmolLM2's and Gemma's widths are no multiples of 256 everywhere: without a fallback the run
+    stops before any calibration, naming the layer, its width and the option; with
+    ``format_fallback="auto"`` those layers take llama.cpp's own fallback (q3_k → q4_0) and the
+    rest stay q3_k, through GPTQ, the report, a save/load round trip and the GGUF export."""
+    model = tiny_llama(hidden=256, inter=288)  # down_proj's input width 288 = 9 blocks of 32, not of 256
+    with pytest.raises(QeraError, match=r"width is 288 \(layer model\.layers\.0\.mlp\.down_proj\).*--format-fallback auto \(q4_0\)"):
+        quantize_model(model, QuantConfig(format="q3_k", rank=4), calibration=batches, progress=False)
+    assert not any(hasattr(m, "packed_weight") for m in model.modules())
+    with pytest.raises(QeraError, match="mxint4 stores every shape"):
+        QuantConfig(format="mxint4", format_fallback="auto")
+    with pytest.raises(QeraError, match="^format_fallback: "):
+        QuantConfig(format="q3_k", format_fallback="q9_z")
+    with pytest.raises(QeraError, match=r"q4_k stores whole GGUF blocks of 256 .* width is 288 \(layer model\.layers\.0\.mlp\.down_proj\)"):
+        quantize_model(model, QuantConfig(format="q3_k", format_fallback="q4_k", rank=4), calibration=batches,
+                       progress=False)
+
+    cfg = QuantConfig(format="q3_k", format_fallback="auto", rank=4, rounding="gptq")
+    assert cfg.format_fallback == "q4_0"
+    report = quantize_model(model, cfg, calibration=batches, progress=False)
+    formats = {lr.name: lr.format for lr in report.layers}
+    assert {n for n, f in formats.items() if f == "q4_0"} == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+    assert {f for n, f in formats.items() if "down_proj" not in n} == {"q3_k"}
+    assert any("2 of 14 layers in the fallback format q4_0" in n for n in report.notes)
+    down = next(lr for lr in report.layers if lr.name.endswith("0.mlp.down_proj"))
+    assert down.bits_weight == parse_format("q4_0").bits_per_weight and "format_fallback" in down.note
+    assert down.output_error_after < down.output_error_before  # the reconstruction works on the fallback grid
+
+    save_quantized(model, byte_tokenizer(), tmp_path / "ck")
+    back, _ = load_quantized(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(back(IDS).logits, model(IDS).logits)
+    src = tmp_path / "src.gguf"
+    write_source_gguf(tiny_llama(hidden=256, inter=288), byte_tokenizer(), src)
+    out = export(tmp_path / "ck", tmp_path / "out", to="gguf", gguf_source=str(src))
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(out / "model.gguf")).tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q4_0" and types["blk.0.ffn_up.weight"] == "Q3_K"
+    t = next(t for t in GGUFReader(str(out / "model.gguf")).tensors if t.name == "blk.1.ffn_down.weight")
+    wq = back.model.layers[1].mlp.down_proj.packed_weight.dequantize(torch.float32).numpy()
+    assert _same_bits(dequantize(t.data, t.tensor_type), wq)
+
+
 # -- llama.cpp itself (skipped unless QERA_LLAMA_CPP names a folder with its tools) -----------------------
 LLAMA_CPP = os.environ.get("QERA_LLAMA_CPP")
 

@@ -138,34 +138,62 @@ def test_full_output_metric_is_the_kfac_optimum(seed):
     assert torch.allclose(as_matrix.B @ as_matrix.A, as_vector.B @ as_vector.A, atol=1e-5)
 
 
+def _layer_inputs(model, batch, targets) -> dict:
+    """``{layer: x}`` (batch, seq, in): each target's input on ``batch`` (forward hooks, no gradients)."""
+    ins = {}
+    hs = [m.register_forward_hook(lambda mod, a, o, n=n: ins.__setitem__(n, a[0].detach())) for n, m in targets.items()]
+    try:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for h in hs:
+            h.remove()
+    return ins
+
+
 def test_output_fisher_equals_direct_autograd(batches):
-    """Per output channel E[(∂L/∂y_j)²] against torch.autograd.grad on the captured outputs; the
-    per-layer sensitivity is its mean."""
+    """Per output channel E[(∂L/∂y_j)²] against torch.autograd.grad on the captured outputs: each
+    token weighted by its input energy ‖x_t‖² (the default) or not at all (``token_weight="none"``);
+    the per-layer sensitivity is its mean; kfac's diagonal is fisher under either weighting."""
     from qera.calibrate.sensitivity import output_fisher, output_sensitivity
 
     model = tiny_llama()
     targets = find_targets(model)
-    got = output_fisher(model, batches, targets)
-    want = {n: torch.zeros(m.weight.shape[0], dtype=torch.float64) for n, m in targets.items()}
-    tokens = 0
+    got = {tw: output_fisher(model, batches, targets, token_weight=tw) for tw in ("input", "none")}
+    want = {tw: {n: torch.zeros(m.weight.shape[0], dtype=torch.float64) for n, m in targets.items()}
+            for tw in ("input", "none")}
+    norm = {tw: dict.fromkeys(targets, 0.0) for tw in ("input", "none")}
     for b in batches:
+        ins = _layer_inputs(model, b, targets)
+        mask = b["attention_mask"].double()
         for n, g in direct_output_gradients(model, b, targets).items():
-            want[n] += (g.double() ** 2 * b["attention_mask"][..., None]).sum((0, 1))
-        tokens += int(b["attention_mask"].sum())
-    sens = output_sensitivity(model, batches, targets)
+            xw = ins[n].double().pow(2).sum(-1) * mask  # (batch, seq): ‖x_t‖², 0 on padding
+            want["none"][n] += (g.double() ** 2 * mask[..., None]).sum((0, 1))
+            want["input"][n] += (g.double() ** 2 * xw[..., None]).sum((0, 1))
+            norm["none"][n] += float(mask.sum())
+            norm["input"][n] += float(xw.sum())
+    for tw in ("input", "none"):
+        sens = output_sensitivity(model, batches, targets, token_weight=tw)
+        full = output_fisher(model, batches, targets, full=True, token_weight=tw)
+        for n in targets:
+            f = got[tw][n]
+            assert f.shape == want[tw][n].shape and f.dtype == torch.float64
+            assert torch.allclose(f, want[tw][n] / norm[tw][n], rtol=1e-5, atol=1e-12)
+            assert sens[n] == pytest.approx(float(f.mean()), rel=1e-12)
+            assert full[n].shape == (f.numel(),) * 2 and torch.allclose(full[n], full[n].T)
+            assert torch.allclose(torch.diagonal(full[n]), f, rtol=1e-5, atol=1e-12)  # its diagonal is fisher
+    # the default is the input weighting, and it really differs from the plain average
+    assert all(torch.equal(output_fisher(model, batches, targets)[n], got["input"][n]) for n in list(targets)[:2])
+    assert any(not torch.allclose(got["input"][n], got["none"][n], rtol=1e-3) for n in targets)
     full = output_fisher(model, batches, targets, full=True)
-    for n in targets:
-        assert got[n].shape == want[n].shape and got[n].dtype == torch.float64
-        assert torch.allclose(got[n], want[n] / tokens, rtol=1e-5, atol=1e-12)
-        assert sens[n] == pytest.approx(float(got[n].mean()), rel=1e-12)
-        assert full[n].shape == (got[n].numel(),) * 2 and torch.allclose(full[n], full[n].T)
-        assert torch.allclose(torch.diagonal(full[n]), got[n], rtol=1e-5, atol=1e-12)  # its diagonal is fisher
     # the off-diagonal part is really there (gradients of channels correlate)
     k = "model.layers.0.self_attn.q_proj"
     off = full[k] - torch.diag(torch.diagonal(full[k]))
     assert float(off.abs().max()) > 0.05 * float(torch.diagonal(full[k]).max())
     # channels really differ: the weighting is not a per-layer constant
-    assert all(float(f.max() / f.mean()) > 1.5 for f in got.values())
+    assert all(float(f.max() / f.mean()) > 1.5 for f in got["input"].values())
+    with pytest.raises(QeraError, match="token_weight must be one of input, none"):
+        output_fisher(model, batches, targets, token_weight="output")
 
 
 def test_output_weight_in_the_pipeline(batches):

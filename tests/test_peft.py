@@ -39,6 +39,31 @@ def test_step0_equals_quantized_model_with_reconstruction(batches, init):
         torch.testing.assert_close(pm(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_refined_init_is_the_refined_ptq_model(tok):
+    """``refine_steps``: the adapters start from the refined reconstruction (rounding offsets moved
+    W̃ too), so step 0 computes what the refined PTQ model computes, which is closer to the fp
+    model than the closed-form init on text the calibration never saw."""
+    cal = calibration_batches(tok, TEXT, n_samples=16, seq_len=48, seed=0, batch_size=2)
+    base = tiny_llama(layers=3)
+    cfg = QPEFTConfig(format="int3:group=32", init="qera-exact", rank=4, alpha=12.0, refine_steps=30,
+                      refine_lr=3e-3, refine_train="lowrank,rounding")
+    pm, report = prepare_qpeft_model(copy.deepcopy(base), cfg, calibration=cal, progress=False)
+    assert len(report.refinement) == 3 and all(r["kept"] for r in report.refinement)
+    ref = copy.deepcopy(base)
+    quantize_model(ref, cfg.quant_config(), calibration=cal, progress=False)
+    closed, _ = prepare_qpeft_model(copy.deepcopy(base), QPEFTConfig(format="int3:group=32", init="qera-exact", rank=4,
+                                                                     alpha=12.0), calibration=cal, progress=False)
+    ids = torch.tensor([tok("".join(reversed(TEXT))[i * 64:(i + 1) * 64])["input_ids"][:40] for i in range(4)])
+    with torch.no_grad():
+        got, want, fp, cf = pm(ids).logits, ref(ids).logits, base(ids).logits, closed(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert float((got - fp).pow(2).mean()) < float((cf - fp).pow(2).mean())
+    layers = [m for m in pm.get_base_model().modules() if isinstance(m, QERALinear)]
+    assert len(layers) == 21 and all(m.A.numel() == 0 for m in layers)  # the base holds W̃ alone
+    with pytest.raises(QeraError, match="calibration batches"):
+        prepare_qpeft_model(copy.deepcopy(base), cfg, progress=False)
+
+
 def test_init_reduces_output_error_vs_qlora(batches):
     base = tiny_llama()
     ids = torch.cat([b["input_ids"] for b in batches])

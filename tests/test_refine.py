@@ -23,7 +23,7 @@ from tiny import TEXT, byte_tokenizer, tiny_llama
 
 HERE = Path(__file__).resolve().parent
 CFG = QuantConfig(format="int3:group=32", method="qera-exact", rank=4, pipeline="sequential",
-                  propagate="quantized", refine_steps=40, refine_lr=3e-3)
+                  propagate="quantized", refine_steps=40, refine_lr=3e-3, refine_train="lowrank")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def _logit_error(model, ref_logits: torch.Tensor, ids: torch.Tensor) -> float:
         return float((model(ids).logits - ref_logits).pow(2).mean())
 
 
-@pytest.mark.parametrize("train", ["lowrank", "lowrank,scales"])
+@pytest.mark.parametrize("train", ["lowrank", "lowrank,scales", "lowrank,rounding"])
 def test_refinement_lowers_block_and_model_error(cal, train):
     ids = _held_out_ids()
     fp = tiny_llama(layers=3)
@@ -113,20 +113,90 @@ def test_scale_training_keeps_codes_and_roundtrips_the_format():
     assert trainable.float_params(parse_format("mxint3")) == []
 
 
+def test_rounding_offsets_move_codes_by_at_most_one_level(cal, tmp_path):
+    """mxint3 (no float scales to train): the rounding offsets move some codes of the closed form's
+    W̃, none by more than one level, the held-out block error drops, and the checkpoint stores the
+    moved codes exactly (reloaded logits equal the refined model's bit for bit)."""
+    cfg = dataclasses.replace(CFG, format="mxint3", refine_train="rounding")
+    rep = quantize_and_save(tiny_llama(layers=3), cfg, tmp_path / "q", tokenizer=byte_tokenizer(), calibration=cal,
+                            progress=False)
+    quantize_and_save(tiny_llama(layers=3), dataclasses.replace(cfg, refine_steps=0), tmp_path / "c",
+                      tokenizer=byte_tokenizer(), calibration=cal, progress=False)
+    assert all(r["kept"] and r["loss_after"] < r["loss_before"] for r in rep.refinement)
+    q, _ = load_quantized(tmp_path / "q")
+    c, _ = load_quantized(tmp_path / "c")
+    moved = total = 0
+    fmt = parse_format("mxint3")
+    for (name, mq), (_, mc) in zip(((n, m) for n, m in q.named_modules() if hasattr(m, "packed_weight")),
+                                   ((n, m) for n, m in c.named_modules() if hasattr(m, "packed_weight"))):
+        wq, wc = mq.packed_weight.dequantize(torch.float32), mc.packed_weight.dequantize(torch.float32)
+        _, params = trainable.split(mc.packed_weight)
+        assert torch.equal(mq.packed_weight.tensors["exponents"], mc.packed_weight.tensors["exponents"])
+        step = fmt.grid_step(params).expand(-1, -1, 32).reshape(wc.shape)
+        assert bool(((wq - wc).abs() <= step * (1 + 1e-6)).all()), name
+        moved += int((wq != wc).sum())
+        total += wc.numel()
+        if ".layers.0." in name:  # only the rounding was trained (later blocks' inputs moved with block 0)
+            assert torch.equal(mq.A, mc.A) and torch.equal(mq.B, mc.B)
+    assert 0 < moved < total // 4
+    mem = tiny_llama(layers=3)
+    quantize_model(mem, cfg, calibration=cal, progress=False)
+    ids = _held_out_ids()
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, mem(ids).logits)
+
+
+def test_rounding_anchor_gives_back_the_closed_form():
+    """With zero offsets the anchor's codes are the closed form's, for nearest and for GPTQ rounding
+    (codes farther than half a level from the weight); offsets of ±½ move a code by at most one level."""
+    from qera import round_gptq
+    from conftest import correlated_inputs
+
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    x = correlated_inputs(400, 64, seed=0)
+    R = x.double().T @ x.double() / x.shape[0]
+    for spec in ("int3:group=32", "int2:group=32:asym", "mxint3"):
+        fmt = parse_format(spec)
+        for qw in (fmt.quantize(w), round_gptq(w, fmt, R)):
+            codes, params = trainable.split(qw)
+            anchor = trainable.rounding_anchor(fmt, codes, params, w)
+            assert torch.equal(fmt.codes(anchor, params), codes), spec
+            step = fmt.grid_step(params)
+            for v in (0.5, -0.5):
+                far = fmt.values(fmt.codes(anchor + v * step, params), params)
+                assert bool(((far - fmt.values(codes, params)).abs() <= step * (1 + 1e-6)).all()), spec
+    assert trainable.can_round(parse_format("mxint3")) and not trainable.can_round(parse_format("nf4"))
+    assert not trainable.can_round(parse_format("q4_0"))
+
+
 def test_split_batches_holds_out_one_in_eight():
     assert split_batches(16) == (list(range(14)), [14, 15])
     assert split_batches(4) == ([0, 1, 2], [3])
     assert split_batches(3) == ([0, 1, 2], [0, 1, 2])
 
 
+def test_auto_refine_train_follows_the_format():
+    def auto(**kw):
+        return QuantConfig(**{**dict(pipeline="sequential", refine_steps=5, method="qera-exact", rank=4), **kw}).refine_train
+
+    assert auto(format="mxint3") == auto(format="int2:group=64:asym") == "lowrank,rounding"
+    assert auto(format="nf4") == auto(format="q4_0") == "lowrank"
+    assert auto(format="q3_k", format_fallback="q4_0") == "lowrank"
+    assert auto(format="int3:group=32", method="w-only", rank=0) == "rounding"
+    assert auto(format="nf4", method="w-only", rank=0) == "scales"
+    assert auto(format="mxint3", refine_steps=0) == "lowrank,rounding"  # resolved even when unused: the config is explicit
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(pipeline="oneshot", refine_steps=5), "sequential pipeline"),
     (dict(pipeline="sequential", refine_steps=5, format="mxint3", refine_train="scales"), "no float group parameters"),
-    (dict(pipeline="sequential", refine_steps=5, method="w-only", rank=0), "no low-rank term"),
+    (dict(pipeline="sequential", refine_steps=5, method="w-only", rank=0, refine_train="lowrank"), "no low-rank term"),
     (dict(pipeline="sequential", refine_steps=-1), "non-negative"),
     (dict(pipeline="sequential", refine_steps=5, refine_train="codes"), "lowrank, scales"),
     (dict(pipeline="sequential", refine_steps=5, refine_lr=2.0), r"\(0, 1\)"),
     (dict(pipeline="sequential", refine_steps=5, act_format="mxint8"), "act_format"),
+    (dict(pipeline="sequential", refine_steps=5, format="nf4", refine_train="rounding"), "evenly spaced levels"),
+    (dict(pipeline="sequential", refine_steps=5, format="q4_0", refine_train="rounding"), "evenly spaced levels"),
 ])
 def test_refine_options_are_checked(kw, match):
     base = dict(format="int4:group=32", method="qera-exact", rank=4)

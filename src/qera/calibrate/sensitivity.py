@@ -6,13 +6,29 @@ A small change ``δy`` of a layer's output raises the next-token loss by about `
 - per output channel, ``f_j = E[(∂L/∂y_j)²]`` (:func:`output_fisher`): the loss cost of the
   remaining error is ``Σ_j f_j (E R Eᵀ)_jj`` — what ``QuantConfig(output_weight="fisher")`` makes
   the solve minimize, by scaling the error's rows by ``√f`` (see :func:`qera.core.linalg.output_sqrt`);
-- the whole output factor ``G = E[gᵀg]`` (``full=True``; K-FAC's ``G ⊗ R`` with the tokens' gradients
-  and inputs taken as independent): the cost is ``trace(G E R Eᵀ)`` (``output_weight="kfac"``);
+- the whole output factor ``G = E[gᵀg]`` (``full=True``; K-FAC's ``G ⊗ R``): the cost is
+  ``trace(G E R Eᵀ)`` (``output_weight="kfac"``);
 - one number, ``c = mean_j f_j`` (:func:`output_sensitivity`): the cost is ``c · trace(E R Eᵀ)``,
   which rank allocation uses to put the layers' errors on the loss's scale
   (``rank_normalize="fisher"``).
 
 All three are up to one factor shared by every layer.
+
+**Token weighting.** The cost of an error ``E`` summed token by token is ``Σ_t Σ_j g_tj² (E x_t)_j²``.
+Writing it as ``Σ_j f_j (E R Eᵀ)_jj`` averages the gradients and the errors over the tokens
+*separately*, which is exact only when a token's gradient energy does not depend on how large its
+input is. Behind a normalization that is far from true: an RMSNorm after the layer (Gemma-2/3's
+post-attention and post-feedforward norms, Gemma-3's and Qwen3's q/k norms) gives
+``‖∂L/∂y_t‖ ∝ 1 / rms(y_t)``, so the gradients are largest exactly on the tokens whose outputs,
+and errors, are smallest. On Gemma-3-270M the separate averages overstate the loss cost of the
+``down_proj`` errors of blocks 9–16 by 30–1000× against the token-by-token sum, and the rank
+allocation starved every other layer (issue 28; ``docs/results/gemma3_allocation.md``).
+``token_weight="input"`` (the default) therefore averages each token's squared gradient with the
+weight ``‖x_t‖²``, the energy of the layer's input at that token:
+``f_j = Σ_t ‖x_t‖² g_tj² / Σ_t ‖x_t‖²``. When the error of a token is proportional to its input's
+energy (``‖E x_t‖² ∝ ‖x_t‖²``, as for a quantization error spread over the input channels),
+``Σ_j f_j (E R Eᵀ)_jj`` is then exactly the token-by-token sum; when the gradients do not depend on
+the input's size it is the plain average (``token_weight="none"``).
 """
 
 from __future__ import annotations
@@ -42,27 +58,39 @@ def _rows(batches: Sequence[Mapping[str, torch.Tensor]]) -> list[tuple[torch.Ten
     return out
 
 
+TOKEN_WEIGHTS = ("input", "none")
+
+
 def output_sensitivity(
     model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], targets: Mapping[str, nn.Module],
-    progress: bool = False,
+    progress: bool = False, token_weight: str = "input",
 ) -> dict[str, float]:
-    """``{layer: E[‖∂L/∂y‖²] / out}``: the mean over output channels of :func:`output_fisher`."""
-    return {name: float(f.mean()) for name, f in output_fisher(model, batches, targets, progress).items()}
+    """``{layer: E[‖∂L/∂y‖²] / out}``: the mean over output channels of :func:`output_fisher`
+    (token-weighted by the layer's input energy unless ``token_weight="none"``)."""
+    return {name: float(f.mean())
+            for name, f in output_fisher(model, batches, targets, progress, token_weight=token_weight).items()}
 
 
 def output_fisher(
     model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], targets: Mapping[str, nn.Module],
-    progress: bool = False, full: bool = False,
+    progress: bool = False, full: bool = False, token_weight: str = "input",
 ) -> dict[str, torch.Tensor]:
     """``{layer: f}``, ``f`` (out,) float64 on the CPU: ``E[(∂L/∂y_j)²]`` per output channel, over
     the non-padding tokens of ``batches`` (causal LM loss); with ``full``, ``E[gᵀg]`` (out, out).
 
+    ``token_weight``: ``input`` (default) weighs each token's squared gradient by the energy
+    ``‖x_t‖²`` of the layer's input at that token, ``none`` counts every token the same (see the
+    module docstring: the input weighting keeps the gradients and the errors of the same tokens
+    together, which a normalization after the layer otherwise tears apart).
+
     Gradients flow only to the activations: every parameter's ``requires_grad`` is switched off
     for the passes (and put back), so no weight gradient is ever allocated. Hooks are removed in
-    ``finally``. Windows go one at a time (memory: one window's backward graph); the loss is the
-    sum of the window's next-token cross-entropies, so a token's gradient does not depend on how
-    many tokens share its window or batch.
+    ``finally``. Windows go one at a time (memory: one window's backward graph, plus one number
+    per token and layer for the input energies); the loss is the sum of the window's next-token
+    cross-entropies, so a token's gradient does not depend on how many tokens share its window or batch.
     """
+    if token_weight not in TOKEN_WEIGHTS:
+        raise QeraError(f"token_weight must be one of {', '.join(TOKEN_WEIGHTS)}, got {token_weight!r}")
     if not batches:
         raise QeraError("the loss gradients (rank_normalize or output_weight 'fisher') need calibration batches")
     if full:  # an (out, out) float64 sum per layer: refuse before any work when it cannot fit
@@ -78,28 +106,40 @@ def output_fisher(
         raise QeraError("the loss gradients (rank_normalize or output_weight 'fisher') need a model with input "
                         "embeddings and a language-model loss")
     sums: dict[str, torch.Tensor] = {}  # float64 sums, a layer's from its first gradient on
-    tokens = 0
+    weights: dict[str, float] = {}  # Σ_t w_t over the tokens each layer's sums hold (w_t = 1 unweighted)
     handles = []
     flags = {p: p.requires_grad for p in model.parameters()}
     mask_now: list[torch.Tensor | None] = [None]
 
     def grad_hook(name: str):
         def on_output(module, args, out):
-            if torch.is_tensor(out) and out.requires_grad:
-                def acc(g: torch.Tensor) -> None:
-                    g32 = g.detach().to(torch.float32).flatten(0, -2)  # (tokens, out)
-                    m = mask_now[0]
-                    if m is not None:
-                        g32 = g32 * m.to(g32.device).flatten()[:, None]  # a 0/1 mask: squares stay masked
-                    if full:  # one window's float32 GEMM, summed in float64 across windows
-                        part = (g32.T @ g32).to(torch.float64)
-                    else:
-                        part = g32.pow(2).sum(0, dtype=torch.float64)
-                    if name in sums:
-                        sums[name].add_(part.cpu())  # in place: a new (out, out) sum per window would churn the heap
-                    else:
-                        sums[name] = part.cpu()  # a fresh tensor: nothing else holds it
-                out.register_hook(acc)
+            if not (torch.is_tensor(out) and out.requires_grad):
+                return
+            m = mask_now[0]
+            tokens = out.shape[:-1].numel()
+            if m is not None and m.numel() == tokens:  # a 0/1 mask: padding tokens weigh nothing
+                w = m.to(out.device).flatten()
+            else:  # rows that are not the window's tokens (routed to an expert): every row counts
+                w = torch.ones(tokens, dtype=torch.float32, device=out.device)
+            if token_weight == "input":
+                x = args[0] if args and torch.is_tensor(args[0]) else None
+                if x is None or x.shape[:-1].numel() != tokens:
+                    raise QeraError(f"token_weight='input' needs the input of {name} token for token with its output; "
+                                    "use token_weight='none'")
+                w = w * x.detach().to(torch.float32).pow(2).sum(-1).flatten()  # (tokens,): ‖x_t‖², 0 on padding
+
+            def acc(g: torch.Tensor) -> None:
+                g32 = g.detach().to(torch.float32).flatten(0, -2)  # (tokens, out)
+                if full:  # one window's float32 GEMM, summed in float64 across windows
+                    part = ((g32 * w[:, None]).T @ g32).to(torch.float64)
+                else:
+                    part = (g32.pow(2) * w[:, None]).sum(0, dtype=torch.float64)
+                weights[name] = weights.get(name, 0.0) + float(w.sum(dtype=torch.float64))
+                if name in sums:
+                    sums[name].add_(part.cpu())  # in place: a new (out, out) sum per window would churn the heap
+                else:
+                    sums[name] = part.cpu()  # a fresh tensor: nothing else holds it
+            out.register_hook(acc)
         return on_output
 
     def embeds_require_grad(module, args, out):
@@ -127,7 +167,6 @@ def output_fisher(
                     raise QeraError("the loss gradients (rank_normalize or output_weight 'fisher') need a model "
                                     "that returns a language-model loss")
                 (out.loss * n_labels).backward()  # summed token losses: gradients do not depend on the window's length
-            tokens += int(mask.sum())
     finally:
         for h in handles:
             h.remove()
@@ -138,5 +177,6 @@ def output_fisher(
     for name, mod in targets.items():
         n = linear_shape(mod)[0]
         s = sums[name] if name in sums else torch.zeros((n, n) if full else n, dtype=torch.float64)  # never reached
-        out[name] = s / max(tokens, 1)
+        w = weights.get(name, 0.0)
+        out[name] = s / w if w > 0 else s  # a layer whose inputs were all zero: its errors are zero too
     return out

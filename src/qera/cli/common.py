@@ -63,6 +63,9 @@ def add_calibration(p: argparse.ArgumentParser) -> None:
 def add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--format", default="mxint4", help=f"weight format, e.g. mxint4, mxint3:block=16, int4:group=128:asym, nf4 (families: {', '.join(FORMATS.names())})")
+    g.add_argument("--format-fallback", default=None, metavar="FORMAT",
+                   help="format of the layers --format cannot store (GGUF k-quants need widths that are multiples of 256); "
+                        "'auto': llama.cpp's choice (q3_k -> q4_0, q4_k -> q5_0, ...)")
     if multi:
         g.add_argument("--methods", default="w-only,qera-exact", help=f"comma list of: {', '.join(METHODS.names())}")
         g.add_argument("--settings", help="comma list of FORMAT@RANK (overrides --format/--rank), e.g. mxint4@32,mxint3@64")
@@ -205,14 +208,14 @@ def parse_settings(spec: str | None, fmt: str, rank: int) -> list[tuple[str, int
 def quant_config(args, fmt: str, method: str, rank: int):
     from qera.quantize.pipeline import QuantConfig
 
-    kw: dict[str, Any] = dict(format=fmt, method=method, rank=rank, seed=args.seed,
+    kw: dict[str, Any] = dict(format=fmt, format_fallback=getattr(args, "format_fallback", None), method=method, rank=rank, seed=args.seed,
                               pipeline=default_pipeline(args), propagate=getattr(args, "propagate", "fp"),
                               stats_precision=getattr(args, "stats_precision", "mixed"),
                               rounding=getattr(args, "rounding", "rtn"), gptq_damp=getattr(args, "gptq_damp", 0.01),
                               act_format=getattr(args, "act_format", None),
                               report_spectrum=report_spectrum(args),
                               refine_steps=getattr(args, "refine", 0), refine_lr=getattr(args, "refine_lr", 1e-3),
-                              refine_train=getattr(args, "refine_train", "lowrank"),
+                              refine_train=getattr(args, "refine_train", "auto"),
                               method_options=key_values(args.method_opt, "--method-opt"),
                               rank_overrides={k: int(v) for k, v in key_values(args.rank_override, "--rank-override").items()})
     if args.include:
@@ -232,7 +235,8 @@ def quant_config(args, fmt: str, method: str, rank: int):
     try:
         return QuantConfig(**kw)
     except QeraError as exc:  # a format field's error starts with the field's name: say the option instead
-        flags = {"format": "--settings" if getattr(args, "settings", None) else "--format", "act_format": "--act-format"}
+        flags = {"format": "--settings" if getattr(args, "settings", None) else "--format", "act_format": "--act-format",
+                 "format_fallback": "--format-fallback"}
         field, sep, rest = str(exc).partition(": ")
         if sep and field in flags:
             raise QeraError(f"{flags[field]}: {rest}") from None

@@ -34,6 +34,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--calib-text", help="unlabeled text for the init statistics (default: built-in)")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--calib-seq-len", type=int, default=128)
+    p.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="refine the init block by block first (STEPS per block; sequential pipeline, see "
+                        "qera quantize --refine); the adapters start from the refined A, B and the base is the refined W̃")
+    p.add_argument("--refine-lr", type=float, default=1e-3)
+    p.add_argument("--refine-train", default="auto", help="lowrank, scales, rounding, a comma list, or auto (default: "
+                   "lowrank,rounding where the format allows)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--batch-size", type=int, default=16)
@@ -101,14 +107,17 @@ def cmd_finetune(args) -> int:
     else:
         qcfg = QPEFTConfig(format=args.format, init=args.init, rank=args.rank, alpha=args.alpha,
                            init_options={"iters": args.loftq_iters} if args.init != "qlora" and METHODS.get(args.init).iterates else {},
-                           modules_to_save=save_modules, task_type=task_type, seed=args.seed, cache_base=True)
-        stats = None
+                           modules_to_save=save_modules, task_type=task_type, seed=args.seed, cache_base=True,
+                           refine_steps=args.refine, refine_lr=args.refine_lr, refine_train=args.refine_train)
+        stats = calib = None
         kinds = stats_kinds_for(qcfg.quant_config())
-        if kinds:
+        if kinds or args.refine:
             calib = text_batches(args, tok, text_source(args.calib_text, None), "calibration",
                                   args.calib_samples, args.calib_seq_len, args.seed)
+        if kinds and not args.refine:  # the refinement's sequential run records its statistics block by block
             stats = collect_statistics(model, calib, list(find_targets(model)), kinds, progress=not args.no_progress)
-        pm, _ = prepare_qpeft_model(model, qcfg, stats=stats, progress=not args.no_progress)
+        pm, _ = prepare_qpeft_model(model, qcfg, calibration=calib if args.refine else None, stats=stats,
+                                    progress=not args.no_progress)
         del stats  # 4.7 GiB of Σxᵀx on a 0.5B model: not needed for training
         trim_heap()
     if clm:
@@ -124,7 +133,7 @@ def cmd_finetune(args) -> int:
     else:
         result = finetune_classifier(pm, tok, args.task, train, evaluation, train_cfg, out, progress=not args.no_progress)
     result.update({"model": args.model, "init": args.init, "format": None if args.init == "lora" else args.format,
-                   "rank": args.rank, "alpha": args.alpha, "seed": args.seed})
+                   "rank": args.rank, "alpha": args.alpha, "seed": args.seed, "refine_steps": args.refine})
     out.mkdir(parents=True, exist_ok=True)
     write_result(result, out / "result.json")
     metric = result["metric"]

@@ -53,9 +53,10 @@ def add_parsers(sub) -> None:
                         "against the full-precision block (one calibration batch per step; kept only if it lowers "
                         "the error on held-out calibration batches). Needs --pipeline sequential or auto. Default 0")
     g.add_argument("--refine-lr", type=float, default=1e-3, help="refinement learning rate (Adam, cosine decay; default 1e-3)")
-    g.add_argument("--refine-train", default="lowrank",
-                   help="what is trained: lowrank (A, B), scales (the float group scales of W̃, codes fixed; "
-                        "int/nf formats), or lowrank,scales. Default lowrank")
+    g.add_argument("--refine-train", default="auto",
+                   help="what is trained, a comma list of: lowrank (A, B), scales (the float group scales of W̃, "
+                        "codes fixed; int/nf formats), rounding (AutoRound-style offsets: each code of W̃ may move "
+                        "one level; int/mxint formats). Default auto: lowrank,rounding where the format allows, else lowrank")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("calibrate", help="collect calibration statistics once, for reuse with --stats")

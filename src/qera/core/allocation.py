@@ -10,7 +10,12 @@ Layers' errors live on different scales; each layer's gains are divided by a nor
 (:data:`NORMALIZERS`): its output energy ``trace(W M Wᵀ)`` (default: relative output error),
 its error before the low-rank term ``trace(D M Dᵀ)``, nothing (absolute error), or the inverse of
 the loss's sensitivity to the layer's output (``fisher``: gains in units of loss, see
-:mod:`qera.calibrate.sensitivity`).
+:mod:`qera.calibrate.sensitivity`; the sensitivity weighs each token's gradient by that token's
+input energy, so that it goes with the token's own error — averaged apart, behind Gemma-3's
+post-norms, they misjudged the loss's weights by up to 1000×, issue 28).
+
+Every layer keeps at least a floor (:data:`FLOOR_SHARE` of the mean rank) before the greedy
+spends the rest: the guard for what the local loss model cannot promise.
 """
 
 from __future__ import annotations
@@ -76,26 +81,61 @@ def budget_params(shapes: Mapping[str, tuple[int, int]], rank_budget: float | No
     return int(extra_bits * sum(o * i for o, i in shapes.values()) / lowrank_bits)
 
 
-def allocate_ranks(curves: list[ErrorCurve], budget: int, normalize: str = "output") -> dict[str, int]:
+FLOOR_SHARE = 0.25
+"""The default floor: every allocated layer keeps at least this share of the mean rank (rank 2 of a
+budget of rank 8). The gains come from a local model of the loss (each layer's errors weighted by
+how much the loss feels them); a layer it misjudges as unimportant would otherwise be left with its
+whole rounding error, where that model is least accurate. Issue 28 (Gemma-3-270M, mxint3, budget
+of rank 8): with the loss weights misjudged by up to 1000×, 48 of 126 layers got rank 0 and the
+perplexity rose from 111 to 433; see ``docs/results/gemma3_allocation.md`` for what the floor costs
+and saves."""
+
+
+def floor_rank(curves: list[ErrorCurve], budget: int, share: float) -> int:
+    """The rank every allocated layer keeps at least: ``share`` × the mean rank the budget affords
+    (its parameters over the allocated layers' cost per rank unit), rounded down."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"the floor's share of the mean rank must be in [0, 1], got {share!r}")
+    free = [c for c in curves if c.fixed is None and c.gains.numel()]
+    left = budget - sum(c.fixed * c.cost for c in curves if c.fixed)
+    cost = sum(c.cost for c in free)
+    return int(share * max(left, 0) / cost) if cost else 0
+
+
+def allocate_ranks(curves: list[ErrorCurve], budget: int, normalize: str = "output",
+                   floor: int | None = None) -> dict[str, int]:
     """Ranks maximizing the total normalized gain within ``budget`` parameters (greedy by gain per parameter).
 
-    Fixed layers take their rank first; a unit that no longer fits is skipped and cheaper layers
-    go on filling the budget. Returns ``{name: rank}`` for every curve.
+    Fixed layers take their rank first, then every other layer its ``floor`` (at most its full
+    rank), whatever its normalized gains; the rest of the budget goes greedily. ``None``: the
+    default floor, :data:`FLOOR_SHARE` of the mean rank (:func:`floor_rank`); ``0``: none. A unit
+    that no longer fits is skipped and cheaper layers go on filling the budget.
+    Returns ``{name: rank}`` for every curve.
     """
     norm_of = NORMALIZERS.get(normalize)
+    if floor is None:
+        floor = floor_rank(curves, budget, FLOOR_SHARE)
     ranks = {c.name: (c.fixed or 0) for c in curves}
     left = budget - sum(c.fixed * c.cost for c in curves if c.fixed)
     if left < 0:
         log.warning("the fixed ranks alone take %d parameters more than the budget", -left)
+    if floor > 0:
+        for c in curves:
+            if c.fixed is None:
+                ranks[c.name] = min(floor, c.gains.numel())
+                left -= ranks[c.name] * c.cost
+        if left < 0:
+            raise ValueError(f"a floor of rank {floor} on every layer takes {-left} parameters more than the budget")
     heap: list[tuple[float, int, int]] = []  # (-gain per parameter, curve index, next rank)
     scaled: list[torch.Tensor | None] = []
     for j, c in enumerate(curves):
         norm = norm_of(c)
-        if c.fixed is not None or norm <= 0 or c.gains.numel() == 0:
+        start = ranks[c.name]
+        if c.fixed is not None or norm <= 0 or start >= c.gains.numel():
             scaled.append(None)
             continue
         scaled.append(c.gains / (norm * c.cost))
-        heapq.heappush(heap, (-float(scaled[j][0]), j, 0))
+        heapq.heappush(heap, (-float(scaled[j][start]), j, start))
     while heap and left > 0:
         neg, j, k = heapq.heappop(heap)
         c = curves[j]

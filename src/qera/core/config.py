@@ -19,7 +19,7 @@ LOWRANK_DTYPES = ("float16", "bfloat16", "float32")
 PIPELINES = ("oneshot", "sequential", "auto")
 PROPAGATE = ("fp", "quantized")
 OUTPUT_WEIGHTS = ("none", "fisher", "kfac")
-REFINE_PARTS = ("lowrank", "scales")
+REFINE_PARTS = ("lowrank", "scales", "rounding")
 
 
 def _format_field(name: str, spec: Any) -> str:
@@ -31,11 +31,27 @@ def _format_field(name: str, spec: Any) -> str:
         raise QeraError(f"{name}: {exc}") from None
 
 
+def _fallback_field(fmt: str, spec: Any) -> str:
+    """The canonical ``format_fallback``: ``auto`` becomes the format's own fallback (llama.cpp's for
+    the GGUF k-quants), a spec its canonical string."""
+    if spec == "auto":
+        own = parse_format(fmt).fallback
+        if own is None:
+            raise QeraError(f"format_fallback: {fmt} stores every shape, so it has no automatic fallback; "
+                            "name a format or leave format_fallback unset")
+        return own
+    return _format_field("format_fallback", spec)
+
+
 @dataclass
 class QuantConfig:
     """What to quantize and how. JSON round-trips through :meth:`to_dict` / :meth:`from_dict`.
 
     format: weight format spec (``mxint4``, ``int4:group=128``, ``nf4`` ...).
+    format_fallback: the format of the layers whose shape ``format`` cannot store (the GGUF
+        k-quants need input widths that are multiples of 256); ``auto`` takes the format's own
+        (llama.cpp's: q2_k and q3_k → q4_0, q4_k → q5_0, q5_k → q5_1, q6_k → q8_0). Unset: such a
+        layer is refused before any calibration.
     method: reconstruction method name (see ``qera.METHODS``).
     rank: rank of the low-rank term (0 for ``w-only``).
     method_options: keyword options of the method (``iters`` for loftq, ``exact``, ``damp`` ...).
@@ -78,11 +94,14 @@ class QuantConfig:
         optimizer steps that lower the block's output error against the full-precision block
         (:mod:`qera.quantize.refine`); 0: none.
     refine_lr: the refinement's Adam learning rate (cosine-decayed to 0 over the steps).
-    refine_train: what the refinement trains, a comma list of ``lowrank`` (``A``, ``B``) and
-        ``scales`` (the float group parameters of ``W̃``; its integer codes stay fixed).
+    refine_train: what the refinement trains, a comma list of ``lowrank`` (``A``, ``B``),
+        ``scales`` (the float group parameters of ``W̃``) and ``rounding`` (AutoRound-style offsets
+        that move each integer code of ``W̃`` by at most one level); ``auto`` (default):
+        ``lowrank,rounding`` where the format allows, else ``lowrank``.
     """
 
     format: str = "mxint4"
+    format_fallback: str | None = None
     method: str = "qera-exact"
     rank: int = 32
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -104,11 +123,13 @@ class QuantConfig:
     report_spectrum: int = 0
     refine_steps: int = 0
     refine_lr: float = 1e-3
-    refine_train: str = "lowrank"
+    refine_train: str = "auto"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         self.format = _format_field("format", self.format)
+        if self.format_fallback is not None:
+            self.format_fallback = _fallback_field(self.format, self.format_fallback)
         if self.act_format is not None:
             self.act_format = _format_field("act_format", self.act_format)
         method_cls = METHODS.get(self.method)  # raises with the known names
@@ -192,6 +213,8 @@ class QuantConfig:
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
             raise QeraError(f"refine_lr must be a number in (0, 1), got {lr!r}")
         self.refine_lr = float(lr)
+        if self.refine_train == "auto":
+            self.refine_train = self._auto_refine_train(uses_rank)
         parts = [p.strip() for p in str(self.refine_train).split(",") if p.strip()]
         bad = [p for p in parts if p not in REFINE_PARTS]
         if not parts or bad:
@@ -203,16 +226,33 @@ class QuantConfig:
             raise QeraError("refine_steps needs the sequential pipeline (each block is refined over its cached "
                             "inputs): use pipeline='sequential' or 'auto'")
         if "lowrank" in parts and not uses_rank:
-            raise QeraError(f"method {self.method!r} has no low-rank term to refine: use refine_train='scales'")
+            raise QeraError(f"method {self.method!r} has no low-rank term to refine: use refine_train='scales' or 'rounding'")
         if self.act_format is not None:
             raise QeraError("refine_steps with act_format is not supported: the quantized activations have no gradient")
-        if "scales" in parts:
-            from qera.core.formats.trainable import float_params
+        from qera.core.formats.trainable import can_round, can_train_scales
 
-            fmt = parse_format(self.format)
-            if not float_params(fmt):
+        for spec in filter(None, (self.format, self.format_fallback)):
+            fmt = parse_format(spec)
+            if "scales" in parts and not can_train_scales(fmt):
                 raise QeraError(f"format {fmt} has no float group parameters to train (refine_train='scales'): "
-                                "use refine_train='lowrank', or an int/nf format")
+                                "use refine_train='lowrank' or 'rounding', or an int/nf format")
+            if "rounding" in parts and not can_round(fmt):
+                raise QeraError(f"format {fmt} has no evenly spaced levels stored as plain codes, so rounding "
+                                "offsets cannot move them (refine_train='rounding'): use an int or mxint format")
+
+    def _auto_refine_train(self, uses_rank: bool) -> str:
+        """``refine_train="auto"``: ``A, B`` and the rounding offsets where every format of the run has
+        evenly spaced levels (measured best on SmolLM2 at mxint3, docs/results/refinement.md), else
+        ``A, B`` alone; without a low-rank term, the rounding, else the scales."""
+        from qera.core.formats.trainable import can_round, can_train_scales
+
+        formats = [parse_format(f) for f in (self.format, self.format_fallback) if f]
+        parts = ["lowrank"] if uses_rank else []
+        if all(can_round(f) for f in formats):
+            parts.append("rounding")
+        elif not uses_rank and all(can_train_scales(f) for f in formats):
+            parts.append("scales")
+        return ",".join(parts) or "lowrank"
 
     @property
     def refines(self) -> bool:

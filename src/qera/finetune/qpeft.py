@@ -36,7 +36,7 @@ from qera.nn.modules import QERALinear
 from qera.quantize.pipeline import quantize_model
 from qera.calibrate.store import CalibrationStats
 from qera.core.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
-from qera.nn.targets import find_targets, linear_shape, linear_weight
+from qera.nn.targets import find_targets, linear_shape, linear_weight, replace_module
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,9 @@ class QPEFTConfig:
     modules_to_save: modules trained in full and saved with the adapter (e.g. ``["classifier"]``).
     task_type: PEFT task type (``CAUSAL_LM``, ``SEQ_CLS`` ...), or None.
     cache_base: keep a dense copy of each dequantized base weight (faster, more memory).
+    refine_steps / refine_lr / refine_train: block-wise refinement of the init before the adapters
+        take it (:mod:`qera.quantize.refine`; sequential pipeline, quantized propagation, needs
+        calibration batches). 0: the closed form.
     """
 
     format: str = "mxint3"
@@ -98,6 +101,9 @@ class QPEFTConfig:
     task_type: str | None = None
     cache_base: bool = False
     seed: int = 0
+    refine_steps: int = 0
+    refine_lr: float = 1e-3
+    refine_train: str = "auto"
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
@@ -116,10 +122,15 @@ class QPEFTConfig:
 
     def quant_config(self) -> QuantConfig:
         method = "w-only" if self.init == "qlora" else self.init
+        refine = {}
+        if self.refine_steps:
+            refine = dict(pipeline="sequential", propagate="quantized", refine_steps=self.refine_steps,
+                          refine_lr=self.refine_lr, refine_train=self.refine_train)
         return QuantConfig(
             format=self.format, method=method, rank=0 if method == "w-only" else self.rank,
             method_options={} if method == "w-only" else dict(self.init_options),
             include=list(self.include), exclude=list(self.exclude), lowrank_dtype="float32", seed=self.seed,
+            **refine,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,7 +153,9 @@ def prepare_qpeft_model(
     ``calibration`` (unlabeled text batches, padding masked) or ``stats`` are needed by the
     activation-aware inits (lqer, qera-approx, qera-exact). The quantization is the same
     per-layer step as PTQ (:func:`qera.quantize_model`), with a sink that keeps ``W̃`` as the
-    frozen packed base and hands ``(A, B)`` to the adapters.
+    frozen packed base and hands ``(A, B)`` to the adapters. With ``refine_steps`` the PTQ run
+    (refinement included) builds whole ``QERALinear`` layers first; their refined ``W̃`` becomes the
+    base and their ``(A, B)`` the adapters' init.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -152,16 +165,27 @@ def prepare_qpeft_model(
         out_f, in_f = linear_shape(lin)
         if config.init != "qlora":
             Method.check_rank(config.rank, (out_f, in_f), name)
-    recs: dict[str, LayerResult] = {}
+    recs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # {layer: (A, B)}
 
     def base_sink(name: str, module: nn.Module, result: LayerResult) -> nn.Module:
-        recs[name] = result
+        recs[name] = (result.A, result.B)
         w = linear_weight(module)
         return QERALinear(result.qweight.to(w.device), w.new_zeros(0, w.shape[1]), w.new_zeros(w.shape[0], 0),
                           getattr(module, "bias", None), cache_weight=config.cache_base)
 
-    report = quantize_model(model, qcfg, calibration=calibration, stats=stats, report_output_error=False,
-                            progress=progress, sink=base_sink)
+    if qcfg.refines:
+        if calibration is None:
+            raise QeraError("refine_steps needs calibration batches (the refinement trains on the cached block inputs)")
+        report = quantize_model(model, qcfg, calibration=calibration, report_output_error=False, progress=progress)
+        for name in targets:  # the refined layers: W̃ becomes the frozen base, (A, B) the adapters' init
+            layer = model.get_submodule(name)
+            recs[name] = (layer.A.detach(), layer.B.detach())
+            base = QERALinear(layer.packed_weight, layer.A.new_zeros(0, layer.in_features),
+                              layer.B.new_zeros(layer.out_features, 0), layer.bias, cache_weight=config.cache_base)
+            replace_module(model, name, base)
+    else:
+        report = quantize_model(model, qcfg, calibration=calibration, stats=stats, report_output_error=False,
+                                progress=progress, sink=base_sink)
     lora_config = LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
         target_modules=sorted(targets), modules_to_save=config.modules_to_save,
@@ -174,11 +198,11 @@ def prepare_qpeft_model(
     if config.init != "qlora":
         inner = peft_model.get_base_model()
         with torch.no_grad():
-            for name, rec in recs.items():
+            for name, (A, B) in recs.items():
                 layer = inner.get_submodule(name)
                 a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-                a.copy_(rec.A.to(a.device, a.dtype))
-                b.copy_((rec.B / config.scaling).to(b.device, b.dtype))
+                a.copy_(A.to(a.device, a.dtype))
+                b.copy_((B / config.scaling).to(b.device, b.dtype))
     return peft_model, report
 
 

@@ -76,6 +76,16 @@ class NoInputs:
     cache: _NoCache = field(default_factory=_NoCache)
 
 
+
+@dataclass(frozen=True)
+class RefineSize:
+    """What the plan counts for block refinement: the low-rank terms' rank (a budget's mean rank) and
+    the bytes each weight of ``W̃`` takes while it trains (float32 ``W̃``: 4; with its codes as int64
+    for ``scales`` or ``rounding``: 12; with the rounding's anchor, step, offsets and their gradient: 28)."""
+
+    rank: int
+    weight_bytes: int = 4
+
 @dataclass
 class BlockWalk:
     """What walking a model block by block needs, set up once: the blocks, the targets of each, the
@@ -94,11 +104,11 @@ class BlockWalk:
     @classmethod
     def prepare(cls, model: nn.Module, targets: dict[str, nn.Module], batches: list, kinds, device, placer,
                 max_memory: int | None, gpu_memory: int | None, offload_dir, dist=None,
-                inputs: bool = True, refine_rank: int | None = None) -> "BlockWalk":
+                inputs: bool = True, refine: "RefineSize | None" = None) -> "BlockWalk":
         """Set the walk up; ``inputs=False`` walks the blocks without running anything through them
-        (no batches, no captured activations: the statistics come from elsewhere). ``refine_rank``:
-        the blocks are refined with low-rank terms of about this rank (the plan counts a second
-        activation stream and the refinement's working set)."""
+        (no batches, no captured activations: the statistics come from elsewhere). ``refine``: the
+        blocks are refined (the plan counts a second activation stream and the refinement's working
+        set, see :class:`RefineSize`)."""
         blocks_name, blocks = find_blocks(model, list(targets))
         by_block = split_by_block(targets, blocks_name)
         if not inputs:
@@ -120,7 +130,7 @@ class BlockWalk:
         probe = capture_probe(runner, blocks, batches[0], input_device, device, tuple_out)
         calls = call_bytes(runner, blocks, batches, input_device, tuple_out)
         plan = _plan(blocks[0], prefix0, by_block.get(0, {}), probe, batches, device, kinds, gpu_memory, max_memory,
-                     prefetch=placer.prefetches and len(blocks) > 1, calls=calls, refine_rank=refine_rank)
+                     prefetch=placer.prefetches and len(blocks) > 1, calls=calls, refine=refine)
         plan_log.info("%s", plan.describe())
         captured = capture_block_inputs(runner, blocks, batches, input_device, device, tuple_out, plan.activations,
                                         probe, offload_dir=offload_dir)
@@ -131,10 +141,10 @@ class BlockWalk:
 
 def _plan(block: nn.Module, prefix: str, names: dict[str, nn.Module], probe, batches, device: torch.device, kinds,
           gpu_memory: int | None, max_memory: int | None, prefetch: bool = False, calls: int = 0,
-          refine_rank: int | None = None) -> Plan:
+          refine: "RefineSize | None" = None) -> Plan:
     """Size one block's work (block 0 stands for all) and place the activations within the budgets
     (``calls``: bytes of every batch's block-call tensors, see :func:`~qera.calibrate.capture.call_bytes`;
-    ``refine_rank``: see :meth:`BlockWalk.prepare`)."""
+    ``refine``: see :meth:`BlockWalk.prepare`)."""
     probe_hidden, probe_calls = probe
     mods = block_modules(block, prefix, names)
     groups = probe_shared_inputs(mods, lambda: probe_calls[0](block, probe_hidden)) if mods else {}
@@ -148,17 +158,17 @@ def _plan(block: nn.Module, prefix: str, names: dict[str, nn.Module], probe, bat
     # bounded by the block's own size, so count one more block (the next one and the previous one)
     ahead = (2 if device.type == "cuda" else 1) * weights if prefetch else 0
     activations = activation_bytes(batches, probe_hidden.shape[-1], probe_hidden.dtype)
-    refine = 0
-    if refine_rank is not None:
+    refining = 0
+    if refine is not None:
         shapes = [linear_shape(m) for m in mods.values()]
         tokens = max(b["input_ids"].numel() for b in batches)
         inter = max((max(o, i) for o, i in shapes), default=0)
-        # float32 W̃ per layer; A, B, their gradients and Adam's moments (4 float32 copies); autograd's
-        # saved activations of one batch, ~(16·hidden + 4·intermediate) float32 values per token (estimate)
-        refine = sum(4 * o * i + 16 * refine_rank * (o + i) for o, i in shapes) \
+        # W̃'s training copies per layer; A, B, their gradients and Adam's moments (4 float32 copies);
+        # autograd's saved activations of one batch, ~(16·hidden + 4·intermediate) float32 values per token (estimate)
+        refining = sum(refine.weight_bytes * o * i + 16 * refine.rank * (o + i) for o, i in shapes) \
             + 4 * tokens * (16 * probe_hidden.shape[-1] + 4 * inter)
         activations *= 2
-    needs = BlockNeeds(weights, stats, solve, activations, ahead, calls, refine)
+    needs = BlockNeeds(weights, stats, solve, activations, ahead, calls, refining)
     gpu_budget = gpu_memory
     if device.type == "cuda" and gpu_budget is None:
         free, _ = torch.cuda.mem_get_info(device)

@@ -172,7 +172,8 @@ def broadcast_result(dist_: Dist, result, src: int, name: str, module: nn.Module
     out_f, in_f = linear_shape(module)
     rank = quantizer.rank_for(name) if rank is None else rank
     w = linear_weight(module)
-    spec = {f"q.{k}": v for k, v in quantizer.fmt.stored_shapes((out_f, in_f)).items()}
+    fmt = quantizer.format_for(name, (out_f, in_f))
+    spec = {f"q.{k}": v for k, v in fmt.stored_shapes((out_f, in_f)).items()}
     spec["A"], spec["B"] = ((rank, in_f), torch.float32), ((out_f, rank), torch.float32)
     mine = None
     if dist_.rank == src:
@@ -182,7 +183,7 @@ def broadcast_result(dist_: Dist, result, src: int, name: str, module: nn.Module
     report = dist_.broadcast_json(dataclasses.asdict(result.report) if dist_.rank == src else None, src)
     if dist_.rank == src:
         return result
-    qw = QuantizedWeight(quantizer.fmt, (out_f, in_f), w.dtype, {k[2:]: v for k, v in got.items() if k.startswith("q.")})
+    qw = QuantizedWeight(fmt, (out_f, in_f), w.dtype, {k[2:]: v for k, v in got.items() if k.startswith("q.")})
     return LayerResult(name, qw, got["A"], got["B"], LayerReport(**{**report, "shape": tuple(report["shape"])}))
 
 

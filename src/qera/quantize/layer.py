@@ -24,7 +24,7 @@ from qera.core.allocation import (
 )
 from qera.core.config import QuantConfig
 from qera.util.errors import QeraError, where
-from qera.core.formats import QuantizedWeight, parse_format
+from qera.core.formats import QuantizedWeight, WeightFormat, parse_format
 from qera.core.linalg import error_spectrum, left_apply, metric_energy, output_sqrt
 from qera.core.methods import Method, Reconstruction, get_method
 from qera.core.report import LayerReport
@@ -160,8 +160,18 @@ class LayerQuantizer:
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
         self.fmt = parse_format(config.format)
+        self.fallback = parse_format(config.format_fallback) if config.format_fallback else None
         self.method = get_method(config.method, **config.solver_options())
         self.lowrank_bits = torch.finfo(getattr(torch, config.lowrank_dtype)).bits
+
+    def format_for(self, name: str, shape: tuple[int, int]) -> WeightFormat:
+        """The layer's weight format: the config's, or ``format_fallback`` for a shape it cannot
+        store (a :class:`QeraError` naming the layer and width when neither can)."""
+        if self.fmt.stores(shape) or self.fallback is None:
+            self.fmt.check_shape(tuple(shape), name)
+            return self.fmt
+        self.fallback.check_shape(tuple(shape), name)
+        return self.fallback
 
     @property
     def needs(self) -> frozenset[str]:
@@ -170,10 +180,11 @@ class LayerQuantizer:
 
     def round(self, name: str, W: torch.Tensor, stats: ActivationStats | None) -> QuantizedWeight:
         """The rounding stage: ``W̃`` on the format's grid (RTN, or GPTQ with the layer's ``R``)."""
+        fmt = self.format_for(name, tuple(W.shape))
         if not rounding_needs(self.config.rounding) or stats is None or stats.count == 0:
-            return self.fmt.quantize(W, name)  # no tokens reached the layer: GPTQ has nothing to weigh by
+            return fmt.quantize(W, name)  # no tokens reached the layer: GPTQ has nothing to weigh by
         R = stats.autocorrelation(torch.float64).to(W.device)
-        return ROUNDINGS.get(self.config.rounding)(W, self.fmt, R, name=name, damp=self.config.gptq_damp)
+        return ROUNDINGS.get(self.config.rounding)(W, fmt, R, name=name, damp=self.config.gptq_damp)
 
     def rank_for(self, name: str) -> int:
         return self.config.rank_for(name) if self.method.uses_rank else 0
@@ -233,6 +244,7 @@ class LayerQuantizer:
 
         ``rank``: the layer's rank when it was allocated (default: the config's rank for the layer)."""
         out_f, in_f = linear_shape(module)
+        self.format_for(name, (out_f, in_f))
         rank = self.rank_for(name) if rank is None else rank
         Method.check_rank(rank, (out_f, in_f), name, allow_zero=True)  # 0: quantization alone (an override)
         if (rank == 0 and not rounding_needs(self.config.rounding)) or not self.needs:
@@ -262,16 +274,20 @@ class LayerQuantizer:
         clock = Stopwatch(W.device)
         q0 = self.round(name, W, stats) if q0 is None else q0
         note = None
+        fmt = q0.fmt
+        if fmt is not self.fmt:
+            note = f"format {fmt}: {self.fmt} cannot store input width {W.shape[1]} (format_fallback)"
         if rank == 0:  # w-only, or a rank override of 0: quantization alone
             w_q = q0.dequantize(torch.float32)
             rec = Reconstruction(w_q.new_zeros(0, W.shape[1]), w_q.new_zeros(W.shape[0], 0), w_q, q0)
         elif self.needs and stats is not None and stats.count == 0:
-            note = "no calibration tokens reached this layer: its low-rank term minimizes the weight error"
-            log.warning("%s: %s", name, note)
-            rec = self.method.without_data().solve(W, q0, rank, None, self.fmt, name, out_metric)
+            empty = "no calibration tokens reached this layer: its low-rank term minimizes the weight error"
+            log.warning("%s: %s", name, empty)
+            note = empty if note is None else f"{note}; {empty}"
+            rec = self.method.without_data().solve(W, q0, rank, None, fmt, name, out_metric)
         else:
             self.method.check(W, rank, stats, name)
-            rec = self.method.solve(W, q0, rank, stats, self.fmt, name, out_metric)
+            rec = self.method.solve(W, q0, rank, stats, fmt, name, out_metric)
         finite = torch.isfinite(rec.A).all() & torch.isfinite(rec.B).all()
         clock.stop()
         report, values = self._report(name, W, q0, rec, stats, output_error)
@@ -304,10 +320,11 @@ class LayerQuantizer:
             del R
         r = rec.rank
         nan = float("nan")
+        fmt = rec.qweight.fmt
         report = LayerReport(
-            name=name, shape=(out_f, in_f), format=str(self.fmt), rank=r,
-            bits_weight=self.fmt.bits_per_weight,
-            bits_total=self.fmt.bits_per_weight + self.lowrank_bits * r * (in_f + out_f) / (in_f * out_f),
+            name=name, shape=(out_f, in_f), format=str(fmt), rank=r,
+            bits_weight=fmt.bits_per_weight,
+            bits_total=fmt.bits_per_weight + self.lowrank_bits * r * (in_f + out_f) / (in_f * out_f),
             weight_error_before=nan, weight_error_after=nan, output_error_before=None, output_error_after=None,
             seconds=nan, tokens=stats.count if stats is not None else None,
         )

@@ -32,7 +32,7 @@ from qera.core.report import LayerReport, QuantReport
 from qera.core.rounding import rounding_needs
 from qera.calibrate.store import CalibrationStats
 from qera.core.statistics import provided
-from qera.nn.targets import find_blocks, find_targets, replace_module
+from qera.nn.targets import find_blocks, find_targets, linear_shape, replace_module
 
 log = logging.getLogger(__name__)
 plan_log = logging.getLogger("qera.plan")  # decisions a user should see before slow work (the CLI shows them)
@@ -107,6 +107,9 @@ def plan_run(model: nn.Module, config: QuantConfig, calibration: list | None, re
     """Unfuse MoE experts, find the targets, the statistics kinds and the pipeline, once per run."""
     unfuse_experts(model)
     targets = find_targets(model, config.include, config.exclude)
+    quantizer = LayerQuantizer(config)
+    for tname, mod in targets.items():  # a shape the format cannot store stops the run before any calibration
+        quantizer.format_for(tname, linear_shape(mod))
     kinds = stats_kinds_for(config, bool(report_output_error))
     name, why = choose_pipeline(config, model, targets, kinds, calibration, parse_size(max_memory, "max_memory"), lazy)
     if why:
@@ -193,6 +196,14 @@ def _summarize(report: QuantReport, dist=None) -> None:
     line = report.singular_summary()
     if line and (dist is None or dist.is_main):
         log.warning("%s", line)
+    fallback = [lr.name for lr in report.layers if lr.format != report.config.format]
+    if fallback:
+        kinds = sorted({lr.format for lr in report.layers if lr.name in set(fallback)})
+        line = (f"{len(fallback)} of {len(report.layers)} layers in the fallback format {', '.join(kinds)}: "
+                f"{report.config.format} cannot store their input width")
+        report.notes.append(line)
+        if dist is None or dist.is_main:
+            log.info("%s", line)
 
 
 def _fingerprint(config: QuantConfig, model: nn.Module, calibration, source_id: str) -> str:

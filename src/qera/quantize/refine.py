@@ -11,7 +11,11 @@ model's inputs). One cached calibration batch per step. What is trained (``refin
 
 - ``lowrank``: ``A`` and ``B`` (float32 masters, stored back in the checkpoint's low-rank dtype);
 - ``scales``: the float group parameters of ``W̃`` with its integer codes fixed
-  (:mod:`qera.core.formats.trainable`), stored back in the format's dtype (fp16).
+  (:mod:`qera.core.formats.trainable`), stored back in the format's dtype (fp16);
+- ``rounding``: AutoRound-style rounding offsets ``V ∈ [-½, ½]`` per weight, so that each code may
+  move by one level (``codes(anchor + V·step)``, see :func:`qera.core.formats.trainable.rounding_anchor`);
+  trained by signed gradient descent with AutoRound's step ``1/steps`` (cosine-decayed), through a
+  straight-through estimate of the rounding. Needs the layers' full-precision weights.
 
 Whatever is trained is cast to what the checkpoint stores before it is used, so the refined model
 in memory and the saved checkpoint compute the same logits. The result is kept only if it lowers
@@ -24,13 +28,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qera.core.formats import trainable
+from qera.core.formats.base import from_rows
 from qera.nn.modules import QERALinear
 from qera.nn.targets import replace_module
 from qera.util.errors import QeraError
@@ -89,11 +94,13 @@ class BlockData:
 class TrainableLinear(nn.Module):
     """A :class:`QERALinear`'s computation with its trained parts as float32 parameters.
 
-    ``y = x W̃ᵀ + (x Aᵀ) Bᵀ + b`` where ``W̃`` is a fixed dense buffer, or, when ``scales`` are
-    trained, ``values(codes, params)`` rebuilt each forward from fixed codes.
+    ``y = x W̃ᵀ + (x Aᵀ) Bᵀ + b`` where ``W̃`` is a fixed dense buffer, or, when ``scales`` or
+    ``rounding`` are trained, ``values(codes, params)`` rebuilt each forward (codes fixed, or
+    ``codes(anchor + V·step)`` with the rounding offsets ``V``).
+    ``weight``: the layer's full-precision ``(out, in)`` weight, needed for ``rounding``.
     """
 
-    def __init__(self, layer: QERALinear, train: Sequence[str]) -> None:
+    def __init__(self, layer: QERALinear, train: Sequence[str], weight: torch.Tensor | None = None) -> None:
         super().__init__()
         self._source = (layer,)  # not a submodule: the block sees only this layer while it trains
         dev = layer.A.device
@@ -102,18 +109,34 @@ class TrainableLinear(nn.Module):
         self.bias = None if layer.bias is None else layer.bias.detach()
         qw = layer.packed_weight
         self.trains_scales = "scales" in train
-        if self.trains_scales:
+        self.trains_rounding = "rounding" in train
+        if self.trains_scales or self.trains_rounding:
             codes, params = trainable.split(qw)
-            names = set(trainable.float_params(qw.fmt))
+            names = set(trainable.float_params(qw.fmt)) if self.trains_scales else set()
             self.register_buffer("codes", codes)
             self.fixed = {k: v for k, v in params.items() if k not in names}
             self.params = nn.ParameterDict({k: nn.Parameter(v.to(torch.float32).clone()) for k, v in params.items()
                                             if k in names})
+            self.offsets = None
+            if self.trains_rounding:
+                if weight is None:
+                    raise QeraError("rounding offsets need the layer's full-precision weight")
+                self.register_buffer("anchor", trainable.rounding_anchor(qw.fmt, codes, params,
+                                                                         weight.detach().to(torch.float32)))
+                self.register_buffer("step", qw.fmt.grid_step(params).expand_as(self.anchor).clone())
+                self.offsets = nn.Parameter(torch.zeros_like(self.anchor))
             with torch.no_grad():
                 if not torch.equal(self.weight(), qw.dequantize(torch.float32)):
                     raise QeraError(f"format {qw.fmt}: its values from codes and parameters differ from its decode")
         else:
             self.register_buffer("W", qw.dequantize(torch.float32).to(dev))
+
+    def current_codes(self) -> torch.Tensor:
+        """The codes ``(rows, groups, width)`` the weight has now (moved by the offsets when trained)."""
+        if not self.trains_rounding:
+            return self.codes
+        with torch.no_grad():
+            return self.source.fmt.codes(self.anchor + self.offsets * self.step, {**self.fixed, **self.params})
 
     @property
     def source(self) -> QERALinear:
@@ -121,10 +144,14 @@ class TrainableLinear(nn.Module):
 
     def weight(self) -> torch.Tensor:
         """Float32 ``W̃`` ``(out, in)``."""
-        if not self.trains_scales:
+        if not (self.trains_scales or self.trains_rounding):
             return self.W
-        return trainable.weight_of(self.source.fmt, self.codes, {**self.fixed, **self.params},
-                                   (self.source.out_features, self.source.in_features))
+        shape = (self.source.out_features, self.source.in_features)
+        W = trainable.weight_of(self.source.fmt, self.current_codes(), {**self.fixed, **self.params}, shape)
+        if self.trains_rounding:  # straight through the rounding: dW̃/dV = step
+            shift = self.offsets * self.step
+            W = W + from_rows(shift - shift.detach(), torch.Size(shape), shape[-1])
+        return W
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -137,7 +164,9 @@ class TrainableLinear(nn.Module):
         """The trained layer as the checkpoint stores it (low-rank and parameters in their stored dtypes)."""
         src = self.source
         qw = src.packed_weight
-        if self.trains_scales:
+        if self.trains_rounding:
+            qw = trainable.with_codes(qw, self.current_codes(), {k: v.detach() for k, v in self.params.items()})
+        elif self.trains_scales:
             qw = trainable.with_params(qw, {k: v.detach() for k, v in self.params.items()})
         A = self.A.detach().to(src.A.dtype)
         B = self.B.detach().to(src.B.dtype)
@@ -191,8 +220,10 @@ def _stored(trainables: dict[str, TrainableLinear], index: int) -> dict[str, QER
 
 
 def refine_block(block: nn.Module, layers: dict[str, QERALinear], data: BlockData, settings: RefineSettings,
-                 index: int = 0) -> tuple[dict[str, QERALinear], RefineResult]:
-    """Refine ``layers`` (names relative to ``block``, already in it) on ``data``.
+                 index: int = 0, weights: Mapping[str, torch.Tensor] | None = None,
+                 ) -> tuple[dict[str, QERALinear], RefineResult]:
+    """Refine ``layers`` (names relative to ``block``, already in it) on ``data``; ``weights``: their
+    full-precision ``(out, in)`` weights, needed when ``rounding`` is trained.
 
     Returns the layers to keep (the refined ones, or the given ones when refinement did not lower
     the held-out loss) and the block's :class:`RefineResult`. The block holds the returned layers.
@@ -201,24 +232,28 @@ def refine_block(block: nn.Module, layers: dict[str, QERALinear], data: BlockDat
         raise QeraError(f"block {index}: nothing to refine")
     train_b, held_b = split_batches(len(data))
     before = block_loss(block, data, held_b)
-    trainables = {name: TrainableLinear(layer, settings.train) for name, layer in layers.items()}
+    weights = weights or {}
+    trainables = {name: TrainableLinear(layer, settings.train, weights.get(name)) for name, layer in layers.items()}
     frozen = [(p, p.requires_grad) for p in block.parameters()]
-    params = [p for t in trainables.values() for p in t.parameters() if p.requires_grad]
+    offsets = [t.offsets for t in trainables.values() if t.trains_rounding]
+    taken = {id(p) for p in offsets}
+    params = [p for t in trainables.values() for p in t.parameters() if p.requires_grad and id(p) not in taken]
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + index)
     first = last = float("nan")
     try:
         for p, _ in frozen:
             p.requires_grad_(False)
         _swap(block, trainables)
-        opt = torch.optim.Adam(params, lr=settings.lr)
+        opt = torch.optim.Adam(params, lr=settings.lr) if params else None
         order: list[int] = []
         with torch.enable_grad():
             for step in range(settings.steps):
                 if not order:
                     order = [train_b[int(j)] for j in torch.randperm(len(train_b), generator=gen)]
                 b = order.pop()
-                for group in opt.param_groups:
-                    group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
+                decay = 0.5 * (1 + math.cos(math.pi * step / settings.steps))
+                for group in opt.param_groups if opt is not None else ():
+                    group["lr"] = settings.lr * decay
                 d, r = _loss_terms(data.calls[b](block, data.inputs(b)), data.targets(b), data.masks[b])
                 loss = d / r.clamp_min(torch.finfo(torch.float32).tiny)
                 last = float(loss.detach())
@@ -226,9 +261,15 @@ def refine_block(block: nn.Module, layers: dict[str, QERALinear], data: BlockDat
                 if not math.isfinite(last):  # diverged: the held-out check below keeps the closed form
                     log.warning("block %d: refinement loss is %s at step %d (lower refine_lr)", index, last, step)
                     break
-                opt.zero_grad(set_to_none=True)
+                for p in params + offsets:
+                    p.grad = None
                 loss.backward()
-                opt.step()
+                if opt is not None:
+                    opt.step()
+                with torch.no_grad():  # AutoRound: signed steps of 1/steps levels, offsets kept within half a level
+                    for v in offsets:
+                        if v.grad is not None:
+                            v.sub_(v.grad.sign(), alpha=decay / settings.steps).clamp_(-0.5, 0.5)
         refined = _stored(trainables, index) if math.isfinite(last) else None
     finally:
         _swap(block, layers)  # the closed-form layers go back whatever happened

@@ -139,6 +139,24 @@ class WeightFormat(ABC):
     def check_shape(self, shape: tuple[int, ...], name: str | None = None) -> None:
         """Raise a :class:`QeraError` naming the layer if a weight of ``shape`` cannot be stored (any can, here)."""
 
+    def stores(self, shape: tuple[int, ...]) -> bool:
+        """Whether a weight of ``shape`` can be stored (:meth:`check_shape` passes)."""
+        try:
+            self.check_shape(tuple(shape))
+        except QeraError:
+            return False
+        return True
+
+    @property
+    def fallback(self) -> str | None:
+        """The spec ``format_fallback="auto"`` takes for the shapes this format cannot store (None: it stores any)."""
+        return None
+
+    def grid_step(self, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The distance between neighbouring levels, broadcastable to ``(rows, groups, width)``, for
+        formats whose levels are evenly spaced within a group (None otherwise: ``nf``'s are not)."""
+        return None
+
     def round_to_grid(self, blocks: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Nearest representable values of ``blocks`` ``(rows, groups, n)`` under fixed ``params``."""
         return self.values(self.codes(blocks, params), params)

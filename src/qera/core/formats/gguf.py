@@ -111,6 +111,8 @@ TYPES: dict[tuple[int, str], BlockType] = {
     (6, "k"): BlockType("Q6_K", 6, QK_K, 210, True, 16, 8),
 }
 KNOWN = ", ".join(f"q{b}_{k}" for b, k in TYPES)
+FALLBACKS: dict[str, str] = {"Q2_K": "q4_0", "Q3_K": "q4_0", "Q4_K": "q5_0", "Q5_K": "q5_1", "Q6_K": "q8_0"}
+"""llama.cpp's own fallback (``llama-quant.cpp``) for a tensor whose width is no multiple of 256."""
 
 
 # -- fitting ----------------------------------------------------------------------------------------
@@ -412,15 +414,21 @@ class GGUFFormat(WeightFormat):
     def group_width(self) -> int:
         return self.block_type.block
 
+    @property
+    def fallback(self) -> str | None:
+        return FALLBACKS.get(self.block_type.name)
+
     # -- shapes -------------------------------------------------------------------------------------
     def check_shape(self, shape: tuple[int, ...], name: str | None = None) -> None:
         width = shape[-1] if len(shape) else 1
         block = self.block_type.block
         if width % block:
+            hint = (f"quantize such layers as llama.cpp does with --format-fallback auto ({self.fallback}), "
+                    if self.fallback else "")
             raise QeraError(
                 f"{self} stores whole GGUF blocks of {block} weights along the input dimension, but the width is "
-                f"{width}{where(name)}; llama.cpp falls back to another type there too: leave such layers out "
-                f"(--exclude) or use a 32-weight type (q4_0, q5_0, q8_0) if the width is a multiple of 32"
+                f"{width}{where(name)}; {hint}leave them out (--exclude), or use a 32-weight type (q4_0, q5_0, "
+                f"q8_0) if the width is a multiple of 32"
             )
 
     def stored_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

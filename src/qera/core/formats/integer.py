@@ -72,6 +72,9 @@ class IntFormat(WeightFormat):
         qmax = (1 << (self.bits - 1)) - 1
         return (torch.round(blocks / s).clamp_(-qmax, qmax) + qmax).to(torch.int64)
 
+    def grid_step(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return params["scales"].float().unsqueeze(-1)
+
     def values(self, codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         q = codes.to(torch.float32)
         scale = params["scales"].float().unsqueeze(-1)

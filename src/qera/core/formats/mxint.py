@@ -61,6 +61,9 @@ class MXIntFormat(WeightFormat):
         exps = params["exponents"].to(torch.int32) - EXP_BIAS
         return torch.ldexp(torch.ones(exps.shape, device=exps.device), exps - (self.bits - 2)).unsqueeze(-1)
 
+    def grid_step(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._scale(params)
+
     def codes(self, blocks: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         k = torch.round(blocks.abs() / self._scale(params)).clamp_(0, self.max_level)
         sign = ((blocks < 0) & (k > 0)).to(torch.int64)

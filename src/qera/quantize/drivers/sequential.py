@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from qera.calibrate.capture import ActivationCache
-from qera.quantize.blocks import BlockVisit, BlockWalk, propagate_block, record_block, walk_blocks
+from qera.quantize.blocks import BlockVisit, BlockWalk, RefineSize, propagate_block, record_block, walk_blocks
 from qera.quantize.drivers import DRIVERS
 from qera.quantize.drivers.base import DriverContext, check_given_stats, output_metrics
 from qera.quantize.refine import BlockData, RefineSettings, refine_block
+from qera.nn.targets import linear_weight
 from qera.quantize.walk import solve_layers
 from qera.util.errors import QeraError
 from qera.util.timing import PhaseTimer
@@ -60,7 +61,7 @@ def run_sequential(ctx: DriverContext) -> None:
         walk = BlockWalk.prepare(ctx.model, ctx.targets, list(ctx.calibration or []), ctx.kinds, ctx.device,
                                  ctx.placer, ctx.max_memory, ctx.gpu_memory, ctx.offload_dir, dist,
                                  inputs=given is None or refine is not None,
-                                 refine_rank=_refine_rank(q.config) if refine is not None else None)
+                                 refine=_refine_size(q.config) if refine is not None else None)
     ctx.report.notes.extend(walk.notes)
     ctx.report.calibration_tokens = walk.tokens if given is None else given.tokens
     if given is not None:
@@ -136,11 +137,13 @@ def run_sequential(ctx: DriverContext) -> None:
         ctx.report.refine_seconds = timer.total("targets", "refine")
 
 
-def _refine_rank(config) -> int:
-    """The rank the plan sizes the refinement's working set for (a budget's mean rank, or the largest fixed one)."""
-    if config.rank_budget is not None:
-        return int(config.rank_budget)
-    return max([config.rank, *config.rank_overrides.values()])
+def _refine_size(config) -> RefineSize:
+    """What the plan sizes the refinement's working set for: the rank (a budget's mean rank, or the
+    largest fixed one) and the bytes per weight of ``W̃``'s training copies."""
+    rank = int(config.rank_budget) if config.rank_budget is not None else max([config.rank, *config.rank_overrides.values()])
+    parts = config.refine_train.split(",")
+    codes = "scales" in parts or "rounding" in parts
+    return RefineSize(rank, 4 + (8 if codes else 0) + (16 if "rounding" in parts else 0))
 
 
 def _second_cache(cache: ActivationCache, offload_dir, copy: bool) -> ActivationCache:
@@ -161,7 +164,10 @@ def _refine(ctx: DriverContext, v: BlockVisit, cache: ActivationCache, fp_stream
     mods = v.modules()
     local = {name[len(v.prefix):]: m for name, m in mods.items()}
     data = BlockData(v.calls, cache.get, fp_stream.get, masks)
-    kept, result = refine_block(v.block, local, data, settings, v.index)
+    weights = None
+    if "rounding" in settings.train:  # the offsets start from the full-precision weights
+        weights = {name: linear_weight(ctx.replaced[v.prefix + name]) for name in local}
+    kept, result = refine_block(v.block, local, data, settings, v.index, weights)
     for name, m in kept.items():
         ctx.replace(v.prefix + name, m)
     ctx.report.refinement.append(result.as_dict())
