@@ -295,3 +295,101 @@ def test_cli_output_weight(tmp_path, capsys, model_dir, text_file):
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["output_weight"] == "fisher" and info["rank_budget"] == 4.0 and info["rank"] is None
+
+
+def test_block_output_fisher_is_the_block_gauss_newton_diagonal(batches):
+    """``output_weight="block"``'s metric: per layer, the token-weighted mean of ``(Jᵀv)_j²`` with one
+    standard-normal probe ``v`` per batch on the block's output, against torch.autograd.grad; where
+    the layer's output is the block's last addition to the residual stream (down_proj: ``J = I``) it
+    is 1 up to the probe's noise; where attention or the MLP lie between (q_proj, o_proj) it is not flat."""
+    from qera.calibrate.sensitivity import block_output_fisher
+
+    model = tiny_llama()
+    block = model.model.layers[0]
+    mods = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    xs, masks, calls = [], [], []
+    hook = block.register_forward_pre_hook(lambda m, a, kw: xs.append((a[0] if a else kw["hidden_states"]).detach()),
+                                           with_kwargs=True)
+    kwargs = []
+    hook2 = block.register_forward_pre_hook(lambda m, a, kw: kwargs.append(dict(kw)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+                masks.append(b["attention_mask"])
+    finally:
+        hook.remove()
+        hook2.remove()
+
+    def call_with(kw):
+        def call(blk, x):
+            out = blk(x, **kw)
+            return out[0] if isinstance(out, tuple) else out
+        return call
+
+    for kw in kwargs:
+        for k in ("hidden_states", "past_key_values", "use_cache"):
+            kw.pop(k, None)
+        calls.append(call_with(kw))
+    flags = {p: p.requires_grad for p in block.parameters()}
+    got = block_output_fisher(block, calls, xs.__getitem__, mods, masks, seed=3)
+    assert {p: p.requires_grad for p in block.parameters()} == flags and all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_hooks for m in block.modules())
+
+    gen = torch.Generator().manual_seed(3)
+    want = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in mods.items()}
+    norm = dict.fromkeys(mods, 0.0)
+    for b, call in enumerate(calls):
+        outs, ins = {}, {}
+
+        def keep(n):
+            def hook(mod, a, o):
+                outs[n], ins[n] = o, a[0]
+            return hook
+
+        hs = [m.register_forward_hook(keep(n)) for n, m in mods.items()]
+        try:
+            with torch.enable_grad():
+                for p in block.parameters():
+                    p.requires_grad_(False)
+                z = call(block, xs[b].clone().requires_grad_())
+                v = torch.randn(z.shape, generator=gen) * masks[b][..., None]
+                g = torch.autograd.grad((z * v).sum(), [outs[n] for n in mods])
+        finally:
+            for h in hs:
+                h.remove()
+            for p, f in flags.items():
+                p.requires_grad_(f)
+        for (n, gn) in zip(mods, g):
+            w = ins[n].detach().double().pow(2).sum(-1) * masks[b].double()  # ‖x_t‖², 0 on padding
+            want[n] += (gn.double() ** 2 * w[..., None]).sum((0, 1))
+            norm[n] += float(w.sum())
+    for n in mods:
+        assert torch.allclose(got[n], want[n] / norm[n], rtol=1e-4, atol=1e-10), n
+    assert float((got["mlp.down_proj"] - 1).abs().max()) < 0.35  # J = I: E[v_j²] = 1
+    for n in ("self_attn.q_proj", "self_attn.o_proj"):  # the MLP (and attention) lie between: not flat
+        assert float(got[n].std() / got[n].mean()) > 1.5 * float(got["mlp.down_proj"].std()), n
+
+
+def test_block_output_weight_in_the_sequential_pipeline(batches):
+    """``output_weight="block"`` runs in the sequential pipeline (auto picks it), with ranks allocated
+    per block; it is refused in the one-shot pipeline and with given statistics."""
+    cfg = QuantConfig(format="mxint3", method="qera-exact", rank=4, rank_budget=4, output_weight="block",
+                      pipeline="auto")
+    model = tiny_llama()
+    rep = quantize_model(model, cfg, calibration=batches, progress=False)
+    assert rep.pipeline == "sequential" and "sensitivity" in rep.timings
+    assert sum(lr.rank * sum(lr.shape) for lr in rep.layers) <= 4 * sum(sum(lr.shape) for lr in rep.layers)
+    assert len({lr.rank for lr in rep.layers}) > 1  # allocated
+    plain = tiny_llama()
+    quantize_model(plain, QuantConfig(format="mxint3", method="qera-exact", rank=4, rank_budget=4,
+                                      pipeline="sequential"), calibration=batches, progress=False)
+    ids = torch.cat([b["input_ids"] for b in batches])
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, plain(ids).logits)  # the metric changed the solve
+    with pytest.raises(QeraError, match="output_weight='block'.*sequential"):
+        QuantConfig(format="mxint3", rank=4, output_weight="block", pipeline="oneshot")
+    stats = collect_statistics(tiny_llama(), batches, kinds=("xtx",), progress=False)
+    with pytest.raises(QeraError, match="not given statistics"):
+        quantize_model(tiny_llama(), QuantConfig(format="mxint3", rank=4, output_weight="block", pipeline="sequential"),
+                       calibration=batches, stats=stats, progress=False)

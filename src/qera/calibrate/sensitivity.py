@@ -34,7 +34,7 @@ the input's size it is the plain average (``token_weight="none"``).
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -105,42 +105,9 @@ def output_fisher(
     if embed is None:
         raise QeraError("the loss gradients (rank_normalize or output_weight 'fisher') need a model with input "
                         "embeddings and a language-model loss")
-    sums: dict[str, torch.Tensor] = {}  # float64 sums, a layer's from its first gradient on
-    weights: dict[str, float] = {}  # Σ_t w_t over the tokens each layer's sums hold (w_t = 1 unweighted)
+    grads = _GradSums(full, token_weight)
     handles = []
     flags = {p: p.requires_grad for p in model.parameters()}
-    mask_now: list[torch.Tensor | None] = [None]
-
-    def grad_hook(name: str):
-        def on_output(module, args, out):
-            if not (torch.is_tensor(out) and out.requires_grad):
-                return
-            m = mask_now[0]
-            tokens = out.shape[:-1].numel()
-            if m is not None and m.numel() == tokens:  # a 0/1 mask: padding tokens weigh nothing
-                w = m.to(out.device).flatten()
-            else:  # rows that are not the window's tokens (routed to an expert): every row counts
-                w = torch.ones(tokens, dtype=torch.float32, device=out.device)
-            if token_weight == "input":
-                x = args[0] if args and torch.is_tensor(args[0]) else None
-                if x is None or x.shape[:-1].numel() != tokens:
-                    raise QeraError(f"token_weight='input' needs the input of {name} token for token with its output; "
-                                    "use token_weight='none'")
-                w = w * x.detach().to(torch.float32).pow(2).sum(-1).flatten()  # (tokens,): ‖x_t‖², 0 on padding
-
-            def acc(g: torch.Tensor) -> None:
-                g32 = g.detach().to(torch.float32).flatten(0, -2)  # (tokens, out)
-                if full:  # one window's float32 GEMM, summed in float64 across windows
-                    part = ((g32 * w[:, None]).T @ g32).to(torch.float64)
-                else:
-                    part = (g32.pow(2) * w[:, None]).sum(0, dtype=torch.float64)
-                weights[name] = weights.get(name, 0.0) + float(w.sum(dtype=torch.float64))
-                if name in sums:
-                    sums[name].add_(part.cpu())  # in place: a new (out, out) sum per window would churn the heap
-                else:
-                    sums[name] = part.cpu()  # a fresh tensor: nothing else holds it
-            out.register_hook(acc)
-        return on_output
 
     def embeds_require_grad(module, args, out):
         return out.requires_grad_() if not out.requires_grad else out
@@ -151,7 +118,7 @@ def output_fisher(
             p.requires_grad_(False)
         model.eval()
         handles.append(embed.register_forward_hook(embeds_require_grad))
-        handles += [mod.register_forward_hook(grad_hook(name)) for name, mod in targets.items()]
+        handles += [mod.register_forward_hook(grads.hook(name)) for name, mod in targets.items()]
         device = model_device(model)
         for ids, mask in tqdm(_rows(batches), desc="loss gradients", unit="window", disable=not progress):
             ids = ids.to(device)  # one window at a time: the backward graph of a single window
@@ -160,7 +127,7 @@ def output_fisher(
             n_labels = int((labels[:, 1:] != -100).sum())
             if n_labels == 0:
                 continue
-            mask_now[0] = mask.to(torch.float32)
+            grads.mask = mask.to(torch.float32)
             with torch.enable_grad():
                 out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
                 if getattr(out, "loss", None) is None:
@@ -173,10 +140,103 @@ def output_fisher(
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    out = {}
-    for name, mod in targets.items():
-        n = linear_shape(mod)[0]
-        s = sums[name] if name in sums else torch.zeros((n, n) if full else n, dtype=torch.float64)  # never reached
-        w = weights.get(name, 0.0)
-        out[name] = s / w if w > 0 else s  # a layer whose inputs were all zero: its errors are zero too
-    return out
+    return grads.result(targets)
+
+
+class _GradSums:
+    """``Σ_t w_t g_t²`` (or ``Σ_t w_t g_tᵀ g_t`` with ``full``) per layer, from hooks on the layers'
+    outputs; ``w_t`` is 0/1 from :attr:`mask` (padding) times ``‖x_t‖²`` with ``token_weight="input"``."""
+
+    def __init__(self, full: bool, token_weight: str) -> None:
+        if token_weight not in TOKEN_WEIGHTS:
+            raise QeraError(f"token_weight must be one of {', '.join(TOKEN_WEIGHTS)}, got {token_weight!r}")
+        self.full, self.token_weight = full, token_weight
+        self.sums: dict[str, torch.Tensor] = {}  # float64 sums, a layer's from its first gradient on
+        self.weights: dict[str, float] = {}  # Σ_t w_t over the tokens each layer's sums hold
+        self.mask: torch.Tensor | None = None  # the current window's or batch's 0/1 mask
+
+    def hook(self, name: str):
+        """A forward hook for layer ``name`` that registers the accumulation on its output's gradient."""
+        def on_output(module, args, out):
+            if not (torch.is_tensor(out) and out.requires_grad):
+                return
+            m = self.mask
+            tokens = out.shape[:-1].numel()
+            if m is not None and m.numel() == tokens:  # a 0/1 mask: padding tokens weigh nothing
+                w = m.to(out.device, torch.float32).flatten()
+            else:  # rows that are not the window's tokens (routed to an expert): every row counts
+                w = torch.ones(tokens, dtype=torch.float32, device=out.device)
+            if self.token_weight == "input":
+                x = args[0] if args and torch.is_tensor(args[0]) else None
+                if x is None or x.shape[:-1].numel() != tokens:
+                    raise QeraError(f"token_weight='input' needs the input of {name} token for token with its output; "
+                                    "use token_weight='none'")
+                w = w * x.detach().to(torch.float32).pow(2).sum(-1).flatten()  # (tokens,): ‖x_t‖², 0 on padding
+
+            def acc(g: torch.Tensor) -> None:
+                g32 = g.detach().to(torch.float32).flatten(0, -2)  # (tokens, out)
+                if self.full:  # one window's float32 GEMM, summed in float64 across windows
+                    part = ((g32 * w[:, None]).T @ g32).to(torch.float64)
+                else:
+                    part = (g32.pow(2) * w[:, None]).sum(0, dtype=torch.float64)
+                self.weights[name] = self.weights.get(name, 0.0) + float(w.sum(dtype=torch.float64))
+                if name in self.sums:
+                    self.sums[name].add_(part.cpu())  # in place: a new (out, out) sum per window would churn the heap
+                else:
+                    self.sums[name] = part.cpu()  # a fresh tensor: nothing else holds it
+            out.register_hook(acc)
+        return on_output
+
+    def result(self, targets: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """``{layer: sums / Σ w}`` (zeros for a layer no gradient reached)."""
+        out = {}
+        for name, mod in targets.items():
+            n = linear_shape(mod)[0]
+            s = self.sums[name] if name in self.sums else torch.zeros((n, n) if self.full else n, dtype=torch.float64)
+            w = self.weights.get(name, 0.0)
+            out[name] = s / w if w > 0 else s  # a layer whose inputs were all zero: its errors are zero too
+        return out
+
+
+def block_output_fisher(
+    block: nn.Module, calls: Sequence[Callable[[nn.Module, torch.Tensor], torch.Tensor]],
+    inputs: Callable[[int], torch.Tensor],
+    targets: Mapping[str, nn.Module], masks: Sequence[torch.Tensor | None] | None = None, seed: int = 0,
+    token_weight: str = "input",
+) -> dict[str, torch.Tensor]:
+    """``{layer: f}``, ``f`` (out,) float64: the diagonal of the block output's Gauss-Newton matrix
+    at each layer's output, ``f_j = E‖∂z/∂y_j‖²`` (``z`` the block's output, ``y`` the layer's), the
+    block-level stand-in for :func:`output_fisher` when the whole model's loss gradients are out of
+    reach (a model streamed block by block).
+
+    ``calls[b](block, x)`` computes the block's output on batch ``b``'s cached input ``inputs(b)``
+    (the layers in ``targets``, modules of ``block``, still full-precision). One Hutchinson probe per batch: with ``v`` standard
+    normal on the output (0 on the padding rows of ``masks[b]``), the gradient of ``Σ v·z`` at ``y``
+    is ``Jᵀv``, and ``E[(Jᵀv)_j²] = (JᵀJ)_jj``. Tokens are weighted as in :func:`output_fisher`.
+    Gradients flow only to the activations (the input is made a leaf; the block's parameters are
+    frozen for the pass and put back); hooks are removed in ``finally``.
+    """
+    grads = _GradSums(False, token_weight)
+    gen = torch.Generator().manual_seed(seed)
+    params = {p: p.requires_grad for p in block.parameters()}
+    handles = []
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        handles = [mod.register_forward_hook(grads.hook(name)) for name, mod in targets.items()]
+        for b, call in enumerate(calls):
+            mask = masks[b] if masks is not None else None
+            grads.mask = mask
+            with torch.enable_grad():
+                z = call(block, inputs(b).detach().requires_grad_())
+                v = torch.randn(z.shape, generator=gen, dtype=torch.float32).to(z.device, z.dtype)
+                if mask is not None and mask.numel() == z.shape[:-1].numel():
+                    v = v * mask.reshape(*z.shape[:-1], 1).to(v.device, v.dtype)
+                (z * v).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in params.items():
+            p.requires_grad_(flag)
+        grads.mask = None
+    return grads.result(targets)

@@ -88,7 +88,8 @@ def add_quant(p: argparse.ArgumentParser, multi: bool = False) -> None:
                    help="weigh a layer's output channels by the loss's gradients there: fisher (mean squared gradient "
                         "per channel) or kfac (their full covariance); one backward pass over the calibration data, "
                         "the whole model in memory; the low-rank term then minimizes the layer's loss cost, not its plain output "
-                        "error. Default none")
+                        "error; block: the block-level stand-in (each block output's sensitivity to the layer's channels, "
+                        "sequential pipeline, works on streamed models). Default none")
     g.add_argument("--rank-normalize", choices=["auto", "fisher", "output", "error", "none"], default="auto",
                    help="what makes layer errors comparable for the allocation: the loss's mean squared gradient at "
                         "the layer output (fisher: one backward pass over the calibration data, one-shot only), the "

@@ -18,7 +18,7 @@ CONFIG_VERSION = 2
 LOWRANK_DTYPES = ("float16", "bfloat16", "float32")
 PIPELINES = ("oneshot", "sequential", "auto")
 PROPAGATE = ("fp", "quantized")
-OUTPUT_WEIGHTS = ("none", "fisher", "kfac")
+OUTPUT_WEIGHTS = ("none", "fisher", "kfac", "block")
 REFINE_PARTS = ("lowrank", "scales", "rounding")
 
 
@@ -84,7 +84,10 @@ class QuantConfig:
         SmolLM2-135M, tens of GB on a 7B, refused over the memory budget). Both need one
         loss-gradient pass through the whole full-precision model (in memory, one process; the
         sequential pipeline runs it before the first block) and put the layers' errors in the
-        loss's units, so rank allocation's ``auto`` normalization is then ``none``.
+        loss's units, so rank allocation's ``auto`` normalization is then ``none``. ``block``:
+        the block-level stand-in for a streamed model (sequential pipeline): each channel by the
+        diagonal of its block output's Gauss-Newton matrix, ``E‖∂z/∂y_j‖²``, estimated per block
+        from its cached inputs (:func:`qera.calibrate.sensitivity.block_output_fisher`).
     act_format: quantize the input of each quantized GEMM too (e.g. ``mxint8`` for LQER's W4A8);
         the low-rank branch keeps the high-precision input. None: weights only.
     report_spectrum: keep this many leading eigenvalues of each layer's output-error matrix
@@ -200,6 +203,9 @@ class QuantConfig:
             if self.rank_normalize == "fisher":
                 raise QeraError(f"output_weight={ow!r} already puts every layer's error in the loss's units: "
                                 "rank_normalize='fisher' would count the loss gradients twice (use auto or none)")
+            if ow == "block" and self.pipeline == "oneshot":
+                raise QeraError("output_weight='block' is computed block by block from the cached block inputs: "
+                                "use pipeline='sequential' or 'auto'")
         if self.allocates and not uses_rank:
             raise QeraError(f"method {self.method!r} has no low-rank term: a rank budget does not apply")
         if self.rank_normalize != "auto" and self.rank_normalize not in NORMALIZERS:

@@ -82,6 +82,8 @@ def choose_pipeline(config: QuantConfig, model: nn.Module, targets: Mapping[str,
         return "sequential", "propagate='quantized' needs the sequential pipeline"
     if config.refines:
         return "sequential", "refinement runs block by block"
+    if config.output_weight == "block":
+        return "sequential", "output_weight='block' is measured block by block"
     budget = max_memory if max_memory is not None else default_budget()
     probe = next(iter(calibration), None) if calibration is not None else None
     need = oneshot_stats_estimate(model, targets, kinds, probe)

@@ -84,7 +84,7 @@ def output_metrics(ctx: DriverContext) -> dict[str, torch.Tensor] | None:
     from qera.calibrate import sensitivity
 
     ow = ctx.quantizer.config.output_weight
-    if ow == "none":
+    if ow in ("none", "block"):  # block: measured per block by the sequential driver
         return None
     if ctx.dist is not None:
         raise QeraError(f"output_weight={ow!r} is not supported with several processes (torchrun)")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from qera.calibrate.capture import ActivationCache
+from qera.calibrate.sensitivity import block_output_fisher
 from qera.quantize.blocks import BlockVisit, BlockWalk, RefineSize, propagate_block, record_block, walk_blocks
 from qera.quantize.drivers import DRIVERS
 from qera.quantize.drivers.base import DriverContext, check_given_stats, output_metrics
@@ -52,6 +53,10 @@ def run_sequential(ctx: DriverContext) -> None:
                         "train on its own share of the calibration batches")
     if refine is not None and ctx.calibration is None:
         raise QeraError("refine_steps needs calibration batches: the blocks are trained on their cached inputs")
+    per_block = q.config.output_weight == "block"
+    if per_block and (dist is not None or ctx.calibration is None or given is not None):
+        raise QeraError("output_weight='block' needs calibration batches, not given statistics, in one process "
+                        "(each block's gradients come from its cached inputs)")
     timer = PhaseTimer(ctx.device)
     out_metrics = None
     if q.config.output_weight != "none":  # the fp model's loss gradients, before any block is quantized
@@ -97,6 +102,11 @@ def run_sequential(ctx: DriverContext) -> None:
                         dist.all_reduce_stats(stats)
             else:
                 stats = given
+            metrics = out_metrics
+            if per_block:  # the block output's Gauss-Newton diagonal at each layer, before any layer is replaced
+                with timer("sensitivity"):
+                    metrics = block_output_fisher(block, calls, cache.get, mods, walk.captured.masks,
+                                                  seed=q.config.seed * 1_000_003 + i)
             if fp_stream is not None:
                 with timer("targets"):  # the fp block's outputs on the fp model's inputs
                     with torch.no_grad():
@@ -105,7 +115,7 @@ def run_sequential(ctx: DriverContext) -> None:
                             fp_stream.put(b, call(block, src.get(b)))
             with timer("solve"):
                 # given statistics are the caller's: freed as used only when lazy (the file keeps them)
-                solve_layers(q, mods, stats, ctx.keep, output_error=ctx.output_error, out_metrics=out_metrics,
+                solve_layers(q, mods, stats, ctx.keep, output_error=ctx.output_error, out_metrics=metrics,
                              dist=dist, block=i, notes=ctx.report.notes, release=given is None or given.lazy)
                 reports = ctx.report.layers[-len(mods):]
             del stats
