@@ -11,7 +11,7 @@ is scored on the validation windows (and on the test windows with ``--test``), a
 A row is ``FORMAT@RANK[:key=value,...]`` with keys ``refine`` (steps), ``lr``, ``train``
 (``+``-joined parts: ``lowrank``, ``scales``, ``rounding``), ``method``, ``rounding``, ``batch``
 (windows per calibration batch = per refinement step), ``budget`` (a rank budget: ranks allocated
-per block, ``error`` normalization in the sequential pipeline).
+per block, ``error`` normalization in the sequential pipeline), ``ow`` (``output_weight``, e.g. ``block``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def parse_row(spec: str) -> dict:
     head, _, opts = spec.partition(":")
     fmt, rank = head.split("@")
     row = {"format": fmt, "rank": int(rank), "refine": 0, "lr": 1e-3, "train": "lowrank", "method": "qera-exact",
-           "rounding": "rtn", "batch": 2, "budget": 0.0}
+           "rounding": "rtn", "batch": 2, "budget": 0.0, "ow": "none"}
     for kv in filter(None, opts.split(",")):
         k, v = kv.split("=")
         row[k] = type(row[k])(v) if k in row and not isinstance(row[k], str) else v
@@ -80,7 +80,7 @@ def main() -> None:
         cfg = QuantConfig(format=r["format"], method=r["method"], rank=r["rank"] if r["method"] != "w-only" else 0,
                           rounding=r["rounding"], pipeline="sequential", propagate="quantized",
                           refine_steps=r["refine"], refine_lr=r["lr"], refine_train=r["train"],
-                          rank_budget=r["budget"] or None)
+                          rank_budget=r["budget"] or None, output_weight=r["ow"])
         originals = dict(find_targets(model, cfg.include, cfg.exclude))
         t0 = time.perf_counter()
         try:
