@@ -113,11 +113,13 @@ def test_scale_training_keeps_codes_and_roundtrips_the_format():
     assert trainable.float_params(parse_format("mxint3")) == []
 
 
-def test_rounding_offsets_move_codes_by_at_most_one_level(cal, tmp_path):
-    """mxint3 (no float scales to train): the rounding offsets move some codes of the closed form's
-    W̃, none by more than one level, the held-out block error drops, and the checkpoint stores the
-    moved codes exactly (reloaded logits equal the refined model's bit for bit)."""
-    cfg = dataclasses.replace(CFG, format="mxint3", refine_train="rounding")
+@pytest.mark.parametrize("spec", ["mxint3", "q4_0"])
+def test_rounding_offsets_move_codes_by_at_most_one_level(cal, tmp_path, spec):
+    """mxint3 (no float scales to train) and GGUF q4_0: the rounding offsets move some codes of the
+    closed form's W̃, none by more than one level, the group parameters stay, the held-out block
+    error drops, and the checkpoint stores the moved codes exactly (reloaded logits equal the refined
+    model's bit for bit)."""
+    cfg = dataclasses.replace(CFG, format=spec, refine_train="rounding")
     rep = quantize_and_save(tiny_llama(layers=3), cfg, tmp_path / "q", tokenizer=byte_tokenizer(), calibration=cal,
                             progress=False)
     quantize_and_save(tiny_llama(layers=3), dataclasses.replace(cfg, refine_steps=0), tmp_path / "c",
@@ -126,12 +128,13 @@ def test_rounding_offsets_move_codes_by_at_most_one_level(cal, tmp_path):
     q, _ = load_quantized(tmp_path / "q")
     c, _ = load_quantized(tmp_path / "c")
     moved = total = 0
-    fmt = parse_format("mxint3")
+    fmt = parse_format(spec)
     for (name, mq), (_, mc) in zip(((n, m) for n, m in q.named_modules() if hasattr(m, "packed_weight")),
                                    ((n, m) for n, m in c.named_modules() if hasattr(m, "packed_weight"))):
         wq, wc = mq.packed_weight.dequantize(torch.float32), mc.packed_weight.dequantize(torch.float32)
         _, params = trainable.split(mc.packed_weight)
-        assert torch.equal(mq.packed_weight.tensors["exponents"], mc.packed_weight.tensors["exponents"])
+        assert all(torch.equal(v, mc.packed_weight.tensors[k]) for k, v in mq.packed_weight.tensors.items()
+                   if k != "codes")
         step = fmt.grid_step(params).expand(-1, -1, 32).reshape(wc.shape)
         assert bool(((wq - wc).abs() <= step * (1 + 1e-6)).all()), name
         moved += int((wq != wc).sum())
@@ -152,11 +155,15 @@ def test_rounding_anchor_gives_back_the_closed_form():
     from qera import round_gptq
     from conftest import correlated_inputs
 
-    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    w64 = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     x = correlated_inputs(400, 64, seed=0)
-    R = x.double().T @ x.double() / x.shape[0]
-    for spec in ("int3:group=32", "int2:group=32:asym", "mxint3"):
+    R64 = x.double().T @ x.double() / x.shape[0]
+    w256 = torch.randn(8, 256, generator=torch.Generator().manual_seed(1))
+    x256 = correlated_inputs(600, 256, seed=1)
+    R256 = x256.double().T @ x256.double() / x256.shape[0]
+    for spec in ("int3:group=32", "int2:group=32:asym", "mxint3", "q4_0", "q4_1", "q3_k", "q4_k"):
         fmt = parse_format(spec)
+        w, R = (w256, R256) if spec.endswith("_k") else (w64, R64)
         for qw in (fmt.quantize(w), round_gptq(w, fmt, R)):
             codes, params = trainable.split(qw)
             anchor = trainable.rounding_anchor(fmt, codes, params, w)
@@ -166,7 +173,6 @@ def test_rounding_anchor_gives_back_the_closed_form():
                 far = fmt.values(fmt.codes(anchor + v * step, params), params)
                 assert bool(((far - fmt.values(codes, params)).abs() <= step * (1 + 1e-6)).all()), spec
     assert trainable.can_round(parse_format("mxint3")) and not trainable.can_round(parse_format("nf4"))
-    assert not trainable.can_round(parse_format("q4_0"))
 
 
 def test_split_batches_holds_out_one_in_eight():
@@ -180,8 +186,9 @@ def test_auto_refine_train_follows_the_format():
         return QuantConfig(**{**dict(pipeline="sequential", refine_steps=5, method="qera-exact", rank=4), **kw}).refine_train
 
     assert auto(format="mxint3") == auto(format="int2:group=64:asym") == "lowrank,rounding"
-    assert auto(format="nf4") == auto(format="q4_0") == "lowrank"
-    assert auto(format="q3_k", format_fallback="q4_0") == "lowrank"
+    assert auto(format="nf4") == "lowrank"
+    assert auto(format="q3_k", format_fallback="q4_0") == auto(format="q4_0") == "lowrank,rounding"
+    assert auto(format="q3_k", format_fallback="nf4") == "lowrank"
     assert auto(format="int3:group=32", method="w-only", rank=0) == "rounding"
     assert auto(format="nf4", method="w-only", rank=0) == "scales"
     assert auto(format="mxint3", refine_steps=0) == "lowrank,rounding"  # resolved even when unused: the config is explicit
@@ -196,7 +203,6 @@ def test_auto_refine_train_follows_the_format():
     (dict(pipeline="sequential", refine_steps=5, refine_lr=2.0), r"\(0, 1\)"),
     (dict(pipeline="sequential", refine_steps=5, act_format="mxint8"), "act_format"),
     (dict(pipeline="sequential", refine_steps=5, format="nf4", refine_train="rounding"), "evenly spaced levels"),
-    (dict(pipeline="sequential", refine_steps=5, format="q4_0", refine_train="rounding"), "evenly spaced levels"),
 ])
 def test_refine_options_are_checked(kw, match):
     base = dict(format="int4:group=32", method="qera-exact", rank=4)

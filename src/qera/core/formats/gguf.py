@@ -513,6 +513,9 @@ class GGUFFormat(WeightFormat):
         dmin = params["dmin"].to(torch.float32).unsqueeze(-1)
         return scale, _per_column(dmin * params["sub_mins"].to(torch.float32), n)
 
+    def grid_step(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._scales(params, self.block_type.block)[0].abs()  # the (sub-)block's scale (q4_0's may be negative)
+
     def codes(self, blocks: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         t = self.block_type
         scale, offset = self._scales(params, blocks.shape[-1])

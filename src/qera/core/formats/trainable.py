@@ -98,7 +98,7 @@ def rounding_anchor(fmt: WeightFormat, codes: torch.Tensor, params: dict[str, to
         raise QeraError(f"format {fmt} has unevenly spaced levels: its codes cannot move by rounding offsets")
     values = fmt.values(codes, params)
     blocks, _ = as_rows(weight.to(values.device), fmt.group_width)
-    half = ANCHOR_MARGIN * step
+    half = ANCHOR_MARGIN * step.abs()
     return values + torch.maximum(torch.minimum(blocks - values, half), -half)
 
 
