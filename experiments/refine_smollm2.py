@@ -33,8 +33,8 @@ from qera.util.atomic import write_json
 
 
 def parse_row(spec: str) -> dict:
-    head, _, opts = spec.partition(":")
-    fmt, rank = head.split("@")
+    fmt, _, rest = spec.partition("@")  # the format spec may hold ':' (int2:group=64:asym@16:refine=24)
+    rank, _, opts = rest.partition(":")
     row = {"format": fmt, "rank": int(rank), "refine": 0, "lr": 1e-3, "train": "lowrank", "method": "qera-exact",
            "rounding": "rtn", "batch": 2, "budget": 0.0, "ow": "none"}
     for kv in filter(None, opts.split(",")):
