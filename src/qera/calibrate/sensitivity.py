@@ -21,8 +21,8 @@ input is. Behind a normalization that is far from true: an RMSNorm after the lay
 post-attention and post-feedforward norms, Gemma-3's and Qwen3's q/k norms) gives
 ``‖∂L/∂y_t‖ ∝ 1 / rms(y_t)``, so the gradients are largest exactly on the tokens whose outputs,
 and errors, are smallest. On Gemma-3-270M the separate averages overstate the loss cost of the
-``down_proj`` errors of blocks 9–16 by 30–1000× against the token-by-token sum, and the rank
-allocation starved every other layer (issue 28; ``docs/results/gemma3_allocation.md``).
+``down_proj`` errors of blocks 9–15 tens to a thousand times more than the other layers' (against
+the token-by-token sum), and the rank allocation starved other layers (issue 28; ``docs/results/gemma3_allocation.md``).
 ``token_weight="input"`` (the default) therefore averages each token's squared gradient with the
 weight ``‖x_t‖²``, the energy of the layer's input at that token:
 ``f_j = Σ_t ‖x_t‖² g_tj² / Σ_t ‖x_t‖²``. When the error of a token is proportional to its input's
