@@ -21,6 +21,12 @@ def correlated_inputs(n: int, d: int, seed: int = 0, outliers: int = 4) -> torch
     return x
 
 
+def output_error(W: torch.Tensor, Wq: torch.Tensor, R: torch.Tensor) -> float:
+    """``trace((W − W̃) R (W − W̃)ᵀ)`` in float64: a layer's output error for inputs with autocorrelation ``R``."""
+    D = (W - Wq).double()
+    return float(((D @ R) * D).sum())
+
+
 @pytest.fixture
 def problem():
     """(W, x): a 48×64 weight and 2000 correlated input rows."""

@@ -20,7 +20,7 @@ from qera import QeraError, QuantConfig, load_quantized, parse_format, quantize_
 from qera import export  # noqa: E402
 from qera.core.formats.base import as_rows  # noqa: E402
 from qera.core.rounding import round_nearest  # noqa: E402
-from conftest import correlated_inputs  # noqa: E402
+from conftest import correlated_inputs, output_error  # noqa: E402
 from tiny import byte_tokenizer, tiny_llama  # noqa: E402
 
 TYPES = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
@@ -124,18 +124,13 @@ def layer_problem():
     return W, R
 
 
-def _output_error(W, Wq, R):
-    D = (W - Wq).double()
-    return float(((D @ R) * D).sum())
-
-
 @pytest.mark.parametrize("spec", ["q3_k", "q4_k", "q2_k", "q4_0"])
 def test_gptq_beats_round_to_nearest_and_stays_exact(layer_problem, spec):
     W, R = layer_problem
     fmt = parse_format(spec)
     g, r = round_gptq(W, fmt, R), round_nearest(W, fmt)
     Q = g.dequantize(torch.float32)
-    assert _output_error(W, Q, R) < 0.6 * _output_error(W, r.dequantize(torch.float32), R)
+    assert output_error(W, Q, R) < 0.6 * output_error(W, r.dequantize(torch.float32), R)
     fmt.check_stored(g.tensors, tuple(W.shape))
     blocks, _ = as_rows(Q, fmt.group_width)
     params = {k: v for k, v in g.tensors.items() if k != "codes"}
@@ -144,7 +139,7 @@ def test_gptq_beats_round_to_nearest_and_stays_exact(layer_problem, spec):
     assert _same_bits(Q.numpy(), dequantize(raw, GGMLQuantizationType[fmt.ggml_type]))
 
 
-def test_qera_exact_on_q3_k_lowers_the_output_error(layer_problem):
+def test_qera_exact_on_q3_k_lowers_theoutput_error(layer_problem):
     from qera import ActivationStats, get_method
     from qera.core.linalg import lowrank_objective
 
@@ -157,7 +152,7 @@ def test_qera_exact_on_q3_k_lowers_the_output_error(layer_problem):
     for rounding, q in (("rtn", round_nearest(W, fmt)), ("gptq", round_gptq(W, fmt, R))):
         D = W - q.dequantize(torch.float32)
         rec = get_method("qera-exact", exact=True).solve(W, q, 8, st, fmt)
-        objs[rounding] = (_output_error(W, q.dequantize(torch.float32), R), lowrank_objective(D, rec.A, rec.B, R))
+        objs[rounding] = (output_error(W, q.dequantize(torch.float32), R), lowrank_objective(D, rec.A, rec.B, R))
     for before, after in objs.values():
         assert after < 0.8 * before
     assert objs["gptq"][1] < objs["rtn"][1]

@@ -7,7 +7,7 @@ from qera import QeraError, QuantConfig, parse_format, quantize_model, reconstru
 from qera.core.linalg import lowrank_objective
 from qera.core.rounding import round_nearest
 
-from conftest import correlated_inputs
+from conftest import correlated_inputs, output_error
 
 FORMATS = ["mxint3", "mxint4:block=16", "int4:group=64", "int3:group=32:asym", "int4:group=100", "nf4",
            "nf3:block=32", "int2:group=16"]
@@ -19,11 +19,6 @@ def problem():
     R = x.double().T @ x.double() / x.shape[0]
     W = torch.randn(64, 192, generator=torch.Generator().manual_seed(0)) * 0.05
     return W, R
-
-
-def output_error(W, Wq, R):
-    D = (W - Wq).double()
-    return float(((D @ R) * D).sum())
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -89,8 +89,7 @@ def output_fisher(
     per token and layer for the input energies); the loss is the sum of the window's next-token
     cross-entropies, so a token's gradient does not depend on how many tokens share its window or batch.
     """
-    if token_weight not in TOKEN_WEIGHTS:
-        raise QeraError(f"token_weight must be one of {', '.join(TOKEN_WEIGHTS)}, got {token_weight!r}")
+    grads = _GradSums(full, token_weight)  # checks token_weight before any work
     if not batches:
         raise QeraError("the loss gradients (rank_normalize or output_weight 'fisher') need calibration batches")
     if full:  # an (out, out) float64 sum per layer: refuse before any work when it cannot fit
@@ -105,7 +104,6 @@ def output_fisher(
     if embed is None:
         raise QeraError("the loss gradients (rank_normalize or output_weight 'fisher') need a model with input "
                         "embeddings and a language-model loss")
-    grads = _GradSums(full, token_weight)
     handles = []
     flags = {p: p.requires_grad for p in model.parameters()}
 

@@ -198,9 +198,9 @@ def _summarize(report: QuantReport, dist=None) -> None:
     line = report.singular_summary()
     if line and (dist is None or dist.is_main):
         log.warning("%s", line)
-    fallback = [lr.name for lr in report.layers if lr.format != report.config.format]
+    fallback = [lr.format for lr in report.layers if lr.format != report.config.format]
     if fallback:
-        kinds = sorted({lr.format for lr in report.layers if lr.name in set(fallback)})
+        kinds = sorted(set(fallback))
         line = (f"{len(fallback)} of {len(report.layers)} layers in the fallback format {', '.join(kinds)}: "
                 f"{report.config.format} cannot store their input width")
         report.notes.append(line)
