@@ -4,6 +4,8 @@
 # of SEQ tokens of WikiText-2 valid; evaluate perplexity on the first EVAL windows of WikiText-2 raw
 # test (a fixed slice), every EVAL_STEPS steps. The budget is identical for every method.
 # Then: python experiments/summarize_glue.py OUTDIR   (it reads any task's result.json files)
+# EXTRA: more `qera finetune` options for every quantized run, TAG: a suffix for their init's folder, e.g.
+#   INITS=qera-exact EXTRA="--refine 24" TAG=-refine24 LORA16=0 bash experiments/qpeft_clm.sh
 # Usage: bash experiments/qpeft_clm.sh [OUTDIR]
 set -euo pipefail
 OUT=${1:-runs/qpeft_clm}
@@ -18,11 +20,11 @@ common=(--no-progress --overwrite --task clm --train "$DATA/wikitext-2/wiki.vali
         --logging-steps 1)
 for init in ${INITS:-qlora loftq qera-approx qera-exact}; do
   for seed in $SEEDS; do
-    dir="$OUT/clm/${FMT//:/_}-r$RANK/$init/seed$seed"
+    dir="$OUT/clm/${FMT//:/_}-r$RANK/$init${TAG:-}/seed$seed"
     [ -f "$dir/result.json" ] && continue
     "$QERA" finetune "$MODEL" "${common[@]}" --init "$init" --format "$FMT" --rank "$RANK" --alpha "$((2 * RANK))" \
         --loftq-iters 5 --calib-text "$DATA/wikitext-2/wiki.valid.tokens" --calib-samples 64 --calib-seq-len 256 \
-        --seed "$seed" --out "$dir"
+        --seed "$seed" --out "$dir" ${EXTRA:-}
   done
 done
 [[ ${LORA16:-1} == 1 ]] || exit 0

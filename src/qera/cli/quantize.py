@@ -47,6 +47,10 @@ def add_parsers(sub) -> None:
     g.add_argument("--gpu-memory", default=None, help="GPU memory budget for cached activations, e.g. 24GiB")
     g.add_argument("--offload-dir", default=None, help="folder for cached activations that exceed --max-memory")
     g.add_argument("--resume", action="store_true", help="continue an interrupted sequential run into the same --out")
+    g.add_argument("--guard", action="store_true",
+                   help="keep the recipe (rank allocation, output weighting, GPTQ, qera-iter, refinement) only if it "
+                        "beats RTN -> qera-exact at the same bits on held-out calibration batches (one in eight): "
+                        "two runs in memory, the better one is written; the report says which")
     g = p.add_argument_group("refinement (sequential pipeline)")
     g.add_argument("--refine", type=int, default=0, metavar="STEPS",
                    help="after each block's closed-form solve, STEPS Adam steps that lower the block's output error "
@@ -99,12 +103,17 @@ def cmd_quantize(args) -> int:
 
     out = output_dir(args)
     config = quant_config(args, args.format, args.method, args.rank)
+    if args.guard and args.stats:
+        from qera.util.errors import QeraError
+
+        raise QeraError("--guard records its own statistics (it holds calibration batches out): drop --stats")
     where = resolve_source(args.model)
     if isinstance(where, Path) and where.is_file() and where.suffix == ".gguf":
         from qera.io.models import convert_gguf
 
         where = convert_gguf(where, args.cache_dir)
-    stream = config.pipeline != "oneshot" and isinstance(where, Path) and is_lazy_source(where)
+    # the guard compares two runs in memory, so it never streams
+    stream = config.pipeline != "oneshot" and isinstance(where, Path) and is_lazy_source(where) and not args.guard
     if stream:
         from transformers import AutoTokenizer
 
@@ -126,9 +135,12 @@ def cmd_quantize(args) -> int:
     # given statistics serve both pipelines, except the quantized model's inputs (sequential, "quantized")
     recorded = stats is None or (config.pipeline != "oneshot" and config.propagate == "quantized")
     recorded = recorded or config.refines  # refinement trains on the cached block inputs
-    if needs_data and (recorded or fisher):
+    if needs_data and (recorded or fisher) or args.guard:
         calibration = calibration_batches_for(args, tok)
-    report = quantize_and_save(
+    from qera.quantize.guard import quantize_guarded_and_save
+
+    save = quantize_guarded_and_save if args.guard else quantize_and_save
+    report = save(
         model, config, out, tokenizer=tok, calibration=calibration, stats=stats, overwrite=args.overwrite,
         resume=args.resume, progress=not args.no_progress, dtype=args.dtype,
         report_output_error=True if args.report_output_error else (False if args.no_output_error else None),

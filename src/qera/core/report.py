@@ -47,6 +47,7 @@ class QuantReport:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (sequential: capture, onload, ...)
     refine_seconds: float = 0.0
     refinement: list[dict[str, Any]] = field(default_factory=list)  # per block: held-out error before/after, kept
+    guard: dict[str, Any] | None = None  # qera.quantize.guard: which run was kept, both held-out losses
 
     def quality(self) -> dict[str, Any]:
         """The deterministic part of the summary (no timings): bits and output-error ratio."""
@@ -96,6 +97,8 @@ class QuantReport:
                        refine_error_before=sum(r["loss_before"] for r in self.refinement) / len(self.refinement),
                        refine_error_after=sum(r["loss_after"] if r["kept"] else r["loss_before"] for r in self.refinement)
                        / len(self.refinement))
+        if self.guard is not None:
+            out["guard"] = dict(self.guard)
         return out
 
     def to_dict(self) -> dict[str, Any]:
