@@ -74,8 +74,9 @@ class ChunkedHead:
         post = [(fn, getattr(cfg, key)) for key, fn in LOGIT_POSTPROCESS.items() if getattr(cfg, key, None)]
         ch = cls(model, decoder, head, post)
         ids = probe[:, : min(probe.shape[1], 16)]
-        want = model(input_ids=ids, use_cache=False).logits.float()
-        got = torch.cat(list(ch.logits(ids)), dim=1)
+        with torch.no_grad():  # a probe: no graph, whatever the caller's grad mode
+            want = model(input_ids=ids, use_cache=False).logits.float()
+            got = torch.cat(list(ch.logits(ids)), dim=1)
         if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())):
             log.info("chunked LM head does not reproduce %s's logits; evaluating with full logits", type(model).__name__)
             return None

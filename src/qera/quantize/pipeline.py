@@ -95,12 +95,14 @@ def choose_pipeline(config: QuantConfig, model: nn.Module, targets: Mapping[str,
 
 @dataclass
 class RunPlan:
-    """What a run decides once, before any slow work: its targets, the statistics it collects and
-    the pipeline (``config.pipeline`` resolved; ``why``: the reason when it was chosen, not given)."""
+    """What a run decides once, before any slow work: its targets, the statistics it collects, the
+    pipeline (``config.pipeline`` resolved; ``why``: the reason when it was chosen, not given) and
+    the per-layer step (``quantizer``, which has checked every target's shape against the format)."""
 
     config: QuantConfig
     targets: dict[str, nn.Module]
     kinds: frozenset[str]
+    quantizer: LayerQuantizer
     why: str | None = None
 
 
@@ -109,20 +111,20 @@ def plan_run(model: nn.Module, config: QuantConfig, calibration: list | None, re
     """Unfuse MoE experts, find the targets, the statistics kinds and the pipeline, once per run."""
     unfuse_experts(model)
     targets = find_targets(model, config.include, config.exclude)
+    kinds = stats_kinds_for(config, bool(report_output_error))
+    name, why = choose_pipeline(config, model, targets, kinds, calibration, parse_size(max_memory, "max_memory"), lazy)
+    config = dataclasses.replace(config, pipeline=name)
     quantizer = LayerQuantizer(config)
     for tname, mod in targets.items():  # a shape the format cannot store stops the run before any calibration
         quantizer.format_for(tname, linear_shape(mod))
-    kinds = stats_kinds_for(config, bool(report_output_error))
-    name, why = choose_pipeline(config, model, targets, kinds, calibration, parse_size(max_memory, "max_memory"), lazy)
     if why:
         plan_log.info("pipeline %s: %s", name, why)
-    return RunPlan(dataclasses.replace(config, pipeline=name), targets, kinds, why)
+    return RunPlan(config, targets, kinds, quantizer, why)
 
 
 def _context(model, plan: RunPlan, calibration, stats, report_output_error, progress, device, max_memory, gpu_memory,
              offload_dir, sink, placer=None, writer=None) -> DriverContext:
-    config, name = plan.config, plan.config.pipeline
-    quantizer = LayerQuantizer(config)
+    config, name, quantizer = plan.config, plan.config.pipeline, plan.quantizer
     max_memory = parse_size(max_memory, "max_memory")
     gpu_memory = parse_size(gpu_memory, "gpu_memory")
     report = QuantReport(config, pipeline=name)
