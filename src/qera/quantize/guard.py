@@ -73,16 +73,18 @@ def heldout_loss(model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]]
             mask = b.get("attention_mask")
             mask = torch.ones_like(ids) if mask is None else mask.to(dev)
             labels = ids.masked_fill(mask == 0, -100)
-            n = int((labels[:, 1:] != -100).sum())
-            if n == 0:
-                continue
-            out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
-            loss = getattr(out, "loss", None)
-            if loss is None:
-                raise QeraError(f"the guard scores held-out batches by the model's loss, but {type(model).__name__} "
-                                "returns none for labels (it needs a causal language model)")
-            total += float(loss.double()) * n
-            count += n
+            for r in range(ids.shape[0]):  # one row at a time: the logits of a large vocabulary stay small
+                n = int((labels[r, 1:] != -100).sum())
+                if n == 0:
+                    continue
+                out = model(input_ids=ids[r:r + 1], attention_mask=mask[r:r + 1], labels=labels[r:r + 1],
+                            use_cache=False)
+                loss = getattr(out, "loss", None)
+                if loss is None:
+                    raise QeraError(f"the guard scores held-out batches by the model's loss, but "
+                                    f"{type(model).__name__} returns none for labels (it needs a causal language model)")
+                total += float(loss.double()) * n
+                count += n
     if count == 0:
         raise QeraError("the guard's held-out batches have no token to score")
     return total / count
