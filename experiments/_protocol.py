@@ -7,16 +7,32 @@ model in place, is evaluated and has its fp layers put back.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from qera import QuantConfig, QuantReport, find_targets, load_model, perplexity, quantize_model
+from qera.evaluate.perplexity import ChunkedHead, nll_sum
 from qera.io.data import calibration_batches, load_text
 from qera.nn.targets import replace_module
 
 DATA = Path(os.environ.get("QERA_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def window_perplexity(model, windows: torch.Tensor, rows: int = 4) -> float:
+    """Perplexity of ``windows`` ``(n, L)``, each window scored on its own (like the test protocol),
+    ``rows`` windows per forward."""
+    head = ChunkedHead.for_model(model, windows[:1])
+    total = count = 0
+    with torch.no_grad():
+        for w in windows.split(rows):
+            total += nll_sum(model, head, w)
+            count += w[:, 1:].numel()
+    return math.exp(total / count)
 
 
 @dataclass

@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _protocol import DATA  # noqa: E402
+from _protocol import DATA, window_perplexity  # noqa: E402
 
 from qera import QuantConfig, find_targets, load_model, perplexity, quantize_model  # noqa: E402
-from qera.evaluate.perplexity import ChunkedHead, nll_sum  # noqa: E402
 from qera.io.data import bos_id, calibration_batches, heldout_windows, load_text, prepend_bos, tokenize  # noqa: E402
 from qera.nn.targets import linear_shape, replace_module  # noqa: E402
 from qera.quantize.guard import baseline_config, heldout_loss  # noqa: E402
@@ -56,16 +53,6 @@ def parse_row(spec: str) -> QuantConfig:
     if iters is not None:
         kw["method_options"] = {"iters": iters}
     return QuantConfig(**kw)
-
-
-@torch.no_grad()
-def window_ppl(model, windows: torch.Tensor) -> float:
-    head = ChunkedHead.for_model(model, windows[:1])
-    total = count = 0
-    for w in windows.split(1):
-        total += nll_sum(model, head, w)
-        count += w[:, 1:].numel()
-    return math.exp(total / count)
 
 
 def main() -> None:
@@ -94,7 +81,7 @@ def main() -> None:
         return perplexity(model, tok, test_text, seq_len=512, max_windows=args.windows, progress=False).perplexity
 
     out = {"model": args.model, "calib_windows": args.calib, "train_batches": len(train), "heldout_batches": len(held),
-           "val_windows": args.val, "test_windows": args.windows, "fp": {"val_ppl": window_ppl(model, val)}, "rows": []}
+           "val_windows": args.val, "test_windows": args.windows, "fp": {"val_ppl": window_perplexity(model, val, rows=1)}, "rows": []}
     print(json.dumps(out["fp"]), flush=True)
     scored: dict[str, dict] = {}
 
@@ -107,7 +94,7 @@ def main() -> None:
         try:
             rep = quantize_model(model, cfg, train, progress=False, report_output_error=False)
             r = {"seconds": time.perf_counter() - t0, "bits_total": rep.quality()["bits_total"],
-                 "heldout_loss": heldout_loss(model, held), "val_ppl": window_ppl(model, val), "test_ppl": test_ppl()}
+                 "heldout_loss": heldout_loss(model, held), "val_ppl": window_perplexity(model, val, rows=1), "test_ppl": test_ppl()}
         finally:
             for name, mod in originals.items():
                 replace_module(model, name, mod)

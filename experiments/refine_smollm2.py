@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
-import torch
 
-from _protocol import DATA
+from _protocol import DATA, window_perplexity
 from qera import QuantConfig, find_targets, load_model, perplexity, quantize_model
-from qera.evaluate.perplexity import ChunkedHead, nll_sum
 from qera.io.data import calibration_batches, heldout_windows, load_text, tokenize
 from qera.nn.targets import replace_module
 from qera.util.atomic import write_json
@@ -42,17 +39,6 @@ def parse_row(spec: str) -> dict:
         row[k] = type(row[k])(v) if k in row and not isinstance(row[k], str) else v
     row["train"] = row["train"].replace("+", ",")
     return row
-
-
-def window_perplexity(model, windows: torch.Tensor) -> float:
-    """Perplexity of ``windows`` ``(n, L)`` (each scored on its own, like the test protocol)."""
-    head = ChunkedHead.for_model(model, windows[:1])
-    total = count = 0
-    with torch.no_grad():
-        for w in windows.split(4):
-            total += nll_sum(model, head, w)
-            count += w[:, 1:].numel()
-    return math.exp(total / count)
 
 
 def main() -> None:
