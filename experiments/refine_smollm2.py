@@ -24,7 +24,7 @@ from pathlib import Path
 
 from _protocol import DATA, window_perplexity
 from qera import QuantConfig, find_targets, load_model, perplexity, quantize_model
-from qera.io.data import calibration_batches, heldout_windows, load_text, tokenize
+from qera.io.data import bos_id, calibration_batches, heldout_windows, load_text, prepend_bos, tokenize
 from qera.nn.targets import replace_module
 from qera.util.atomic import write_json
 
@@ -47,17 +47,22 @@ def main() -> None:
     ap.add_argument("--rows", required=True, help="';'-separated rows, see the module docstring")
     ap.add_argument("--val-windows", type=int, default=16)
     ap.add_argument("--calib-samples", type=int, default=128, help="calibration windows of 512 tokens (README: 128)")
-    ap.add_argument("--test", action="store_true", help="also score the 40 test windows")
+    ap.add_argument("--test", action="store_true", help="also score the test windows")
+    ap.add_argument("--test-windows", type=int, default=40, help="test windows of 512 tokens (README: 40)")
     ap.add_argument("--out", default="runs/refine")
     args = ap.parse_args()
     model, tok = load_model(args.model)
     valid = load_text(str(DATA / "wikitext-2" / "wiki.valid.tokens"), "calibration")
     val = heldout_windows(tokenize(tok, valid), args.val_windows, 512, calib_samples=args.calib_samples, calib_len=512, seed=0)
+    probe = calibration_batches(tok, valid, n_samples=1, seq_len=512, seed=0, batch_size=1)[0]["input_ids"]
+    bos = bos_id(tok)
+    if bos is not None and int(probe[0, 0]) == bos:
+        val = prepend_bos(val, bos)  # the model's windows start with BOS (Gemma-3), as the calibration's do
     test_text = load_text(str(DATA / "wikitext-2-raw" / "wiki.test.raw"), "evaluation")
     rows = []
     fp = {"row": "fp32", "val_ppl": window_perplexity(model, val)}
     if args.test:
-        fp["test_ppl"] = perplexity(model, tok, test_text, seq_len=512, max_windows=40, progress=False).perplexity
+        fp["test_ppl"] = perplexity(model, tok, test_text, seq_len=512, max_windows=args.test_windows, progress=False).perplexity
     rows.append(fp)
     print(json.dumps(fp), flush=True)
     for spec in args.rows.split(";"):
@@ -80,7 +85,7 @@ def main() -> None:
                 row.update(refined_blocks=s["refined_blocks"], block_error_before=s["refine_error_before"],
                            block_error_after=s["refine_error_after"])
             if args.test:
-                row["test_ppl"] = perplexity(model, tok, test_text, seq_len=512, max_windows=40,
+                row["test_ppl"] = perplexity(model, tok, test_text, seq_len=512, max_windows=args.test_windows,
                                              progress=False).perplexity
         finally:
             for name, mod in originals.items():
