@@ -26,6 +26,8 @@ PAIRS = [
      ("refine_smollm2_ow_block_refine.json", "mxint3@8:budget=8,ow=block,refine=24,train=lowrank+rounding")),
     ("mxint3, budget 8\n128 windows: best closed\nform vs ow=block, 96 steps", ("ptq_fidelity_smollm2.json", BEST_CLOSED),
      ("refine_smollm2_128_b.json", "mxint3@8:budget=8,ow=block,refine=96,train=lowrank+rounding")),
+    ("mxint4, rank 8 vs\nbudget 8, ow=block\n32 windows", ("refine_smollm2_gptq_mxint4.json", "mxint4@8"),
+     ("refine_smollm2_gptq_mxint4.json", "mxint4@8:budget=8,ow=block,refine=24,train=lowrank+rounding")),
     ("int2 g64, rank 16", ("refine_smollm2_2bit.json", "int2:group=64:asym@16"),
      ("refine_smollm2_2bit.json", "int2:group=64:asym@16:refine=24,train=lowrank+rounding")),
     ("mxint2, rank 16", ("refine_smollm2_2bit_b.json", "mxint2@16"),
@@ -61,7 +63,7 @@ def main() -> None:
         if c is None or r is None:
             continue
         labels.append(label); closed.append(c); refined.append(r)
-    fig, ax = plt.subplots(figsize=(11, 4.6))
+    fig, ax = plt.subplots(figsize=(12, 4.6))
     xs = range(len(labels))
     ax.bar([x - 0.2 for x in xs], closed, 0.4, label="closed form", color="#9aa5b1")
     ax.bar([x + 0.2 for x in xs], refined, 0.4, label="refined (lowrank + rounding)", color="#2f6db3")
