@@ -209,7 +209,7 @@ def test_deferred_checks_fail_the_recording_not_the_batch(gpu_path):
     with torch.no_grad():
         model.model.layers[0].self_attn.v_proj.weight[0, 0] = float("inf")
     with pytest.raises(QeraError, match="NaN/Inf.*o_proj"):
-        with record_statistics({name: mods[name]}, {"xtx"}) as rec, torch.no_grad():
+        with record_statistics({name: mods[name]}, {"xtx"}), torch.no_grad():
             model(torch.randint(0, 256, (2, 16)))
     assert not mods[name]._forward_pre_hooks  # hooks removed
 
