@@ -12,7 +12,8 @@ saves on test. The baseline is run once per distinct baseline.
         --rows "mxint3@8:budget=8,ow=fisher;mxint3@8:budget=8,ow=fisher,rounding=gptq,method=qera-iter"
 
 A row is ``FORMAT@RANK[:key=value,...]`` with keys ``budget`` (rank budget), ``ow`` (output_weight),
-``rounding``, ``method``, ``iters`` (qera-iter).
+``rounding``, ``method``, ``iters`` (qera-iter), ``refine`` (steps: sequential pipeline, quantized
+propagation) and ``train`` (``+``-joined refinement parts).
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def parse_row(spec: str) -> QuantConfig:
             kw["output_weight"] = v
         elif k == "iters":
             iters = int(v)
+        elif k == "refine":
+            kw.update(refine_steps=int(v), pipeline="sequential", propagate="quantized")
+        elif k == "train":
+            kw["refine_train"] = v.replace("+", ",")
         else:
             kw[k] = v
     if iters is not None:
