@@ -11,7 +11,8 @@ is scored on the validation windows (and on the test windows with ``--test``), a
 A row is ``FORMAT@RANK[:key=value,...]`` with keys ``refine`` (steps), ``lr``, ``train``
 (``+``-joined parts: ``lowrank``, ``scales``, ``rounding``), ``method``, ``rounding``, ``batch``
 (windows per calibration batch = per refinement step), ``budget`` (a rank budget: ranks allocated
-per block, ``error`` normalization in the sequential pipeline), ``ow`` (``output_weight``, e.g. ``block``).
+per block, ``error`` normalization in the sequential pipeline), ``ow`` (``output_weight``, e.g. ``block``),
+``loss`` (``refine_loss``: ``energy`` or ``token``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def parse_row(spec: str) -> dict:
     fmt, _, rest = spec.partition("@")  # the format spec may hold ':' (int2:group=64:asym@16:refine=24)
     rank, _, opts = rest.partition(":")
     row = {"format": fmt, "rank": int(rank), "refine": 0, "lr": 1e-3, "train": "lowrank", "method": "qera-exact",
-           "rounding": "rtn", "batch": 2, "budget": 0.0, "ow": "none"}
+           "rounding": "rtn", "batch": 2, "budget": 0.0, "ow": "none", "loss": "energy"}
     for kv in filter(None, opts.split(",")):
         k, v = kv.split("=")
         row[k] = type(row[k])(v) if k in row and not isinstance(row[k], str) else v
@@ -71,7 +72,7 @@ def main() -> None:
         cfg = QuantConfig(format=r["format"], method=r["method"], rank=r["rank"] if r["method"] != "w-only" else 0,
                           rounding=r["rounding"], pipeline="sequential", propagate="quantized",
                           refine_steps=r["refine"], refine_lr=r["lr"], refine_train=r["train"],
-                          rank_budget=r["budget"] or None, output_weight=r["ow"])
+                          rank_budget=r["budget"] or None, output_weight=r["ow"], refine_loss=r["loss"])
         originals = dict(find_targets(model, cfg.include, cfg.exclude))
         t0 = time.perf_counter()
         try:

@@ -63,6 +63,34 @@ def test_refinement_lowers_block_and_model_error(cal, train):
     assert _logit_error(refined, ref, ids) < 0.8 * _logit_error(closed, ref, ids)
 
 
+def test_token_loss_counts_each_tokens_relative_error_alike():
+    """A row 100x larger than another (an attention sink) dominates the energy loss, not the token loss."""
+    from qera.quantize.refine import _loss_terms
+
+    u = torch.tensor([[0.6, 0.8]])
+    target = torch.cat([100 * u, u])  # ‖y‖² = 10^4 and 1
+    out = torch.cat([100 * u, 0.5 * u])  # exact on the big row, half off on the small one: ‖e‖² = 0, 0.25
+    num, den = _loss_terms(out, target, None, "energy")
+    assert float(num / den) == pytest.approx(0.25 / 10001)
+    num, den = _loss_terms(out, target, None, "token")
+    assert float(num / den) == pytest.approx(0.125)  # (0 + 0.25) / 2
+    num, den = _loss_terms(out, target, torch.tensor([0.0, 1.0]), "token")  # masked rows do not count
+    assert float(num / den) == pytest.approx(0.25)
+
+
+def test_token_loss_refinement_lowers_its_heldout_error_and_the_logit_error(cal):
+    ids = _held_out_ids()
+    fp = tiny_llama(layers=3)
+    with torch.no_grad():
+        ref = fp(ids).logits
+    closed, refined = tiny_llama(layers=3), tiny_llama(layers=3)
+    quantize_model(closed, dataclasses.replace(CFG, refine_steps=0), calibration=cal, progress=False)
+    cfg = dataclasses.replace(CFG, refine_loss="token", refine_train="lowrank,rounding")
+    rep = quantize_model(refined, cfg, calibration=cal, progress=False)
+    assert all(r["kept"] and r["loss_after"] < r["loss_before"] for r in rep.refinement)
+    assert _logit_error(refined, ref, ids) < 0.8 * _logit_error(closed, ref, ids)
+
+
 def test_refined_checkpoint_reproduces_the_refined_model(cal, tmp_path):
     """What is trained is stored exactly: reloaded logits equal the in-memory refined model's bit for
     bit; scale training moves only the fp16 scales (codes equal the closed form's), A/B stay fp16."""
@@ -203,6 +231,7 @@ def test_auto_refine_train_follows_the_format():
     (dict(pipeline="sequential", refine_steps=5, refine_lr=2.0), r"\(0, 1\)"),
     (dict(pipeline="sequential", refine_steps=5, act_format="mxint8"), "act_format"),
     (dict(pipeline="sequential", refine_steps=5, format="nf4", refine_train="rounding"), "evenly spaced levels"),
+    (dict(pipeline="sequential", refine_steps=5, refine_loss="mse"), "refine_loss must be one of energy, token"),
 ])
 def test_refine_options_are_checked(kw, match):
     base = dict(format="int4:group=32", method="qera-exact", rank=4)

@@ -61,6 +61,10 @@ def add_parsers(sub) -> None:
                    help="what is trained, a comma list of: lowrank (A, B), scales (the float group scales of W̃, "
                         "codes fixed; int/nf formats), rounding (AutoRound-style offsets: each code of W̃ may move "
                         "one level; int/mxint formats). Default auto: lowrank,rounding where the format allows, else lowrank")
+    g.add_argument("--refine-loss", choices=["energy", "token"], default="energy",
+                   help="how the block's output error is summed over tokens: energy (each token's error by its size; "
+                        "default) or token (each token's error relative to its own norm, as the next block's "
+                        "RMSNorm sees it; an attention sink's huge row does not dominate)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("calibrate", help="collect calibration statistics once, for reuse with --stats")

@@ -20,6 +20,7 @@ PIPELINES = ("oneshot", "sequential", "auto")
 PROPAGATE = ("fp", "quantized")
 OUTPUT_WEIGHTS = ("none", "fisher", "kfac", "block")
 REFINE_PARTS = ("lowrank", "scales", "rounding")
+REFINE_LOSSES = ("energy", "token")  # qera.quantize.refine.LOSSES
 
 
 def _format_field(name: str, spec: Any) -> str:
@@ -101,6 +102,11 @@ class QuantConfig:
         ``scales`` (the float group parameters of ``W̃``) and ``rounding`` (AutoRound-style offsets
         that move each integer code of ``W̃`` by at most one level); ``auto`` (default):
         ``lowrank,rounding`` where the format allows, else ``lowrank``.
+    refine_loss: how the block's output error is summed over tokens: ``energy`` (default,
+        ``Σ_t ‖e_t‖² / Σ_t ‖y_t‖²``: each token's error counts by its size) or ``token``
+        (``mean_t ‖e_t‖² / ‖y_t‖²``: each token's relative error counts the same, as the next
+        block's RMSNorm sees it; tokens with huge residual norms, such as an attention sink, do not
+        dominate).
     """
 
     format: str = "mxint4"
@@ -127,6 +133,7 @@ class QuantConfig:
     refine_steps: int = 0
     refine_lr: float = 1e-3
     refine_train: str = "auto"
+    refine_loss: str = "energy"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -221,6 +228,8 @@ class QuantConfig:
         self.refine_lr = float(lr)
         if self.refine_train == "auto":
             self.refine_train = self._auto_refine_train(uses_rank)
+        if self.refine_loss not in REFINE_LOSSES:
+            raise QeraError(f"refine_loss must be one of {', '.join(REFINE_LOSSES)}, got {self.refine_loss!r}")
         parts = [p.strip() for p in str(self.refine_train).split(",") if p.strip()]
         bad = [p for p in parts if p not in REFINE_PARTS]
         if not parts or bad:

@@ -7,7 +7,9 @@ Adam steps to lower the block's output error
 
 over the cached calibration inputs ``x`` (the quantized model's own inputs with
 ``propagate="quantized"``) and the full-precision block's outputs ``y_fp`` (on the full-precision
-model's inputs). One cached calibration batch per step. What is trained (``refine_train``):
+model's inputs). With ``refine_loss="token"`` the loss is instead the mean over tokens of
+``‖block_q(x_t) − y_fp,t‖² / ‖y_fp,t‖²`` (:data:`LOSSES`). One cached calibration batch per step.
+What is trained (``refine_train``):
 
 - ``lowrank``: ``A`` and ``B`` (float32 masters, stored back in the checkpoint's low-rank dtype);
 - ``scales``: the float group parameters of ``W̃`` with its integer codes fixed
@@ -46,16 +48,19 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RefineSettings:
     """steps: optimizer steps; lr: Adam's peak learning rate (cosine decay to 0); train: the parts
-    trained (``lowrank``, ``scales``); seed: seeds the batch order (with the block index)."""
+    trained (``lowrank``, ``scales``, ``rounding``); seed: seeds the batch order (with the block
+    index); loss: how token errors are summed (:data:`LOSSES`)."""
 
     steps: int
     lr: float = 1e-3
     train: tuple[str, ...] = ("lowrank",)
     seed: int = 0
+    loss: str = "energy"
 
     @classmethod
     def from_config(cls, config) -> "RefineSettings":
-        return cls(config.refine_steps, config.refine_lr, tuple(config.refine_train.split(",")), config.seed)
+        return cls(config.refine_steps, config.refine_lr, tuple(config.refine_train.split(",")), config.seed,
+                   config.refine_loss)
 
 
 @dataclass
@@ -175,22 +180,36 @@ class TrainableLinear(nn.Module):
         return QERALinear(qw, A, B, src.bias, src.cache_weight, src.merge_lowrank, act_format=src.act_format)
 
 
-def _loss_terms(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Σ‖out − target‖², Σ‖target‖²)`` over the rows of ``mask`` (float32)."""
+def _energy_terms(diff: torch.Tensor, ref: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ_t m_t ‖e_t‖², Σ_t m_t ‖y_t‖²)``: each token's error counts by its size."""
+    return (diff * m).sum(), (ref * m).sum()
+
+
+def _token_terms(diff: torch.Tensor, ref: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σ_t m_t ‖e_t‖² / ‖y_t‖², Σ_t m_t)``: each token's relative error counts the same."""
+    return (m * diff / ref.clamp_min(torch.finfo(ref.dtype).tiny)).sum(), m.sum()
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+    "energy": _energy_terms, "token": _token_terms}
+
+
+def _loss_terms(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+                loss: str = "energy") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(numerator, denominator)`` of the block loss ``loss`` (:data:`LOSSES`) over the rows of
+    ``mask`` (float32); per token ``‖e_t‖² = ‖out_t − target_t‖²`` and ``‖y_t‖² = ‖target_t‖²``."""
     diff = (out.float() - target.float()).pow(2).sum(-1)
     ref = target.float().pow(2).sum(-1)
-    if mask is not None:
-        m = mask.reshape(diff.shape).to(diff.dtype)
-        diff, ref = diff * m, ref * m
-    return diff.sum(), ref.sum()
+    m = torch.ones_like(diff) if mask is None else mask.reshape(diff.shape).to(diff.dtype)
+    return LOSSES[loss](diff, ref, m)
 
 
-def block_loss(block: nn.Module, data: BlockData, batches: Sequence[int]) -> float:
-    """The relative output error of ``block`` over ``batches`` (no gradients)."""
+def block_loss(block: nn.Module, data: BlockData, batches: Sequence[int], loss: str = "energy") -> float:
+    """The block loss ``loss`` of ``block`` over ``batches`` (no gradients)."""
     num = den = 0.0
     with torch.no_grad():
         for b in batches:
-            d, r = _loss_terms(data.calls[b](block, data.inputs(b)), data.targets(b), data.masks[b])
+            d, r = _loss_terms(data.calls[b](block, data.inputs(b)), data.targets(b), data.masks[b], loss)
             num += float(d)
             den += float(r)
     return num / den if den > 0 else 0.0
@@ -231,7 +250,7 @@ def refine_block(block: nn.Module, layers: dict[str, QERALinear], data: BlockDat
     if not layers:
         raise QeraError(f"block {index}: nothing to refine")
     train_b, held_b = split_batches(len(data))
-    before = block_loss(block, data, held_b)
+    before = block_loss(block, data, held_b, settings.loss)
     weights = weights or {}
     trainables = {name: TrainableLinear(layer, settings.train, weights.get(name)) for name, layer in layers.items()}
     frozen = [(p, p.requires_grad) for p in block.parameters()]
@@ -254,7 +273,8 @@ def refine_block(block: nn.Module, layers: dict[str, QERALinear], data: BlockDat
                 decay = 0.5 * (1 + math.cos(math.pi * step / settings.steps))
                 for group in opt.param_groups if opt is not None else ():
                     group["lr"] = settings.lr * decay
-                d, r = _loss_terms(data.calls[b](block, data.inputs(b)), data.targets(b), data.masks[b])
+                d, r = _loss_terms(data.calls[b](block, data.inputs(b)), data.targets(b), data.masks[b],
+                                   settings.loss)
                 loss = d / r.clamp_min(torch.finfo(torch.float32).tiny)
                 last = float(loss.detach())
                 first = last if step == 0 else first
@@ -278,7 +298,7 @@ def refine_block(block: nn.Module, layers: dict[str, QERALinear], data: BlockDat
     after = float("nan")
     if refined is not None:
         _swap(block, refined)
-        after = block_loss(block, data, held_b)
+        after = block_loss(block, data, held_b, settings.loss)
     kept = after < before  # False for NaN
     if not kept and refined is not None:
         _swap(block, layers)
