@@ -124,3 +124,27 @@ def test_cli_guard_writes_the_kept_run_and_says_which(tmp_path, capsys, model_di
     code = main([str(a) for a in ("quantize", model_dir, "--rank", 4, "--guard", "--stats", text_file,
                                   "--out", tmp_path / "s", "--no-progress")])
     assert code != 0 and "drop --stats" in capsys.readouterr().err
+
+
+def test_guard_on_fused_experts_compares_whole_models(cal, monkeypatch):
+    """On a fused-expert MoE the guard's targets include the unfused experts: the baseline run
+    quantizes them afresh from the fp weights (not on top of the recipe's), and it is what stays."""
+    from test_architectures import build
+
+    import qera.quantize.guard as guard
+
+    real, calls = guard.heldout_loss, []
+
+    def penalized(model, batches):  # the recipe scores 1 nat worse: the baseline is kept
+        calls.append(1)
+        return real(model, batches) + (1.0 if len(calls) == 1 else 0.0)
+
+    monkeypatch.setattr(guard, "heldout_loss", penalized)
+    model = build("mixtral").eval()
+    rep = quantize_guarded(model, QuantConfig(format="int2:group=32", method="zeroquant-v2", rank=4), cal,
+                           progress=False)
+    assert rep.guard["kept"] == "baseline"
+    experts = [l.name for l in rep.layers if ".experts." in l.name]
+    assert len(experts) == 2 * 4 * 2  # 2 blocks x 4 experts x (gate_up, down), all solved by the baseline run
+    _, held_i = split_batches(len(cal))
+    assert real(model, [cal[i] for i in held_i]) == pytest.approx(rep.guard["baseline_loss"], rel=1e-6)

@@ -29,8 +29,8 @@ from qera.calibrate.forward import collect_statistics, model_device
 from qera.core.allocation import budget_params
 from qera.core.config import QuantConfig
 from qera.core.report import QuantReport
-from qera.nn.targets import find_targets, linear_shape, replace_module, restore_modules
-from qera.quantize.pipeline import plan_run, quantize_model
+from qera.nn.targets import linear_shape, replace_module, restore_modules
+from qera.quantize.pipeline import plan_run, quantize_model, stats_kinds_for
 from qera.quantize.refine import split_batches
 from qera.util.errors import QeraError
 
@@ -50,7 +50,7 @@ def baseline_config(config: QuantConfig, shapes: Mapping[str, tuple[int, int]]) 
         return None
     rank = config.rank
     if config.allocates:
-        bits = 8 * torch.empty((), dtype=getattr(torch, config.lowrank_dtype)).element_size()
+        bits = torch.finfo(getattr(torch, config.lowrank_dtype)).bits  # as LayerQuantizer.lowrank_bits
         params = budget_params(shapes, config.rank_budget, config.extra_bits, bits)
         rank = max(1, params // sum(o + i for o, i in shapes.values()))
     base = dataclasses.replace(config, method="qera-exact", rank=rank, rank_budget=None, extra_bits=None,
@@ -101,7 +101,9 @@ def quantize_guarded(model: nn.Module, config: QuantConfig, calibration: Sequenc
         raise QeraError("the guard records its own statistics from the calibration batches: do not pass stats")
     kwargs.pop("stats", None)
     calibration = list(calibration or [])
-    targets = find_targets(model, config.include, config.exclude)
+    max_memory = kwargs.get("max_memory")
+    plan = plan_run(model, config, calibration, None, max_memory)  # unfuses MoE experts first: all targets
+    targets = plan.targets
     base = baseline_config(config, {n: linear_shape(m) for n, m in targets.items()})
     if base is None:
         log.info("guard: %s %s is plain qera-exact already; nothing to compare", config.method, config.format)
@@ -111,11 +113,9 @@ def quantize_guarded(model: nn.Module, config: QuantConfig, calibration: Sequenc
                         f"got {len(calibration)}")
     train_i, held_i = split_batches(len(calibration))
     train, held = [calibration[i] for i in train_i], [calibration[i] for i in held_i]
-    pipelines = [plan_run(model, c, train, None, kwargs.get("max_memory")).config.pipeline for c in (config, base)]
+    pipelines = [plan_run(model, c, train, None, max_memory).config.pipeline for c in (config, base)]
     stats = None
     if all(p == "oneshot" for p in pipelines):  # recorded once, for both solves
-        from qera.quantize.pipeline import stats_kinds_for
-
         kinds = stats_kinds_for(config) | stats_kinds_for(base)
         stats = collect_statistics(model, train, list(targets), kinds, progress=progress,
                                    precision=config.stats_precision)
