@@ -43,15 +43,22 @@ def _logit_error(model, ref_logits: torch.Tensor, ids: torch.Tensor) -> float:
         return float((model(ids).logits - ref_logits).pow(2).mean())
 
 
-@pytest.mark.parametrize("train", ["lowrank", "lowrank,scales", "lowrank,rounding"])
-def test_refinement_lowers_block_and_model_error(cal, train):
+def _refined_against_closed(cal, cfg: QuantConfig):
+    """``(report, closed-form logit error, refined logit error)`` of a 3-block tiny model refined with
+    ``cfg``, the errors against the fp model's logits on text the calibration never saw."""
     ids = _held_out_ids()
     fp = tiny_llama(layers=3)
     with torch.no_grad():
         ref = fp(ids).logits
     closed, refined = tiny_llama(layers=3), tiny_llama(layers=3)
-    quantize_model(closed, dataclasses.replace(CFG, refine_steps=0), calibration=cal, progress=False)
-    rep = quantize_model(refined, dataclasses.replace(CFG, refine_train=train), calibration=cal, progress=False)
+    quantize_model(closed, dataclasses.replace(cfg, refine_steps=0), calibration=cal, progress=False)
+    rep = quantize_model(refined, cfg, calibration=cal, progress=False)
+    return rep, _logit_error(closed, ref, ids), _logit_error(refined, ref, ids)
+
+
+@pytest.mark.parametrize("train", ["lowrank", "lowrank,scales", "lowrank,rounding"])
+def test_refinement_lowers_block_and_model_error(cal, train):
+    rep, closed_err, refined_err = _refined_against_closed(cal, dataclasses.replace(CFG, refine_train=train))
     assert [r["block"] for r in rep.refinement] == [0, 1, 2]
     for r in rep.refinement:  # each block's held-out error went down and the refined layers were kept
         assert r["kept"] and r["loss_after"] < r["loss_before"]
@@ -60,7 +67,7 @@ def test_refinement_lowers_block_and_model_error(cal, train):
     assert s["refined_blocks"] == 3 and s["refine_error_after"] < s["refine_error_before"]
     assert s["refine_seconds"] > 0 and "refine" in s["timings"]
     # the whole model's logits on unseen text are closer to the fp model's than the closed form's
-    assert _logit_error(refined, ref, ids) < 0.8 * _logit_error(closed, ref, ids)
+    assert refined_err < 0.8 * closed_err
 
 
 def test_token_loss_counts_each_tokens_relative_error_alike():
@@ -76,19 +83,17 @@ def test_token_loss_counts_each_tokens_relative_error_alike():
     assert float(num / den) == pytest.approx(0.125)  # (0 + 0.25) / 2
     num, den = _loss_terms(out, target, torch.tensor([0.0, 1.0]), "token")  # masked rows do not count
     assert float(num / den) == pytest.approx(0.25)
+    from qera.core.config import REFINE_LOSSES
+    from qera.quantize.refine import LOSSES
+
+    assert set(LOSSES) == set(REFINE_LOSSES)  # the config accepts exactly the losses the refinement has
 
 
 def test_token_loss_refinement_lowers_its_heldout_error_and_the_logit_error(cal):
-    ids = _held_out_ids()
-    fp = tiny_llama(layers=3)
-    with torch.no_grad():
-        ref = fp(ids).logits
-    closed, refined = tiny_llama(layers=3), tiny_llama(layers=3)
-    quantize_model(closed, dataclasses.replace(CFG, refine_steps=0), calibration=cal, progress=False)
     cfg = dataclasses.replace(CFG, refine_loss="token", refine_train="lowrank,rounding")
-    rep = quantize_model(refined, cfg, calibration=cal, progress=False)
+    rep, closed_err, refined_err = _refined_against_closed(cal, cfg)
     assert all(r["kept"] and r["loss_after"] < r["loss_before"] for r in rep.refinement)
-    assert _logit_error(refined, ref, ids) < 0.8 * _logit_error(closed, ref, ids)
+    assert refined_err < 0.8 * closed_err
 
 
 def test_refined_checkpoint_reproduces_the_refined_model(cal, tmp_path):

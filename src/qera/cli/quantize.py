@@ -18,6 +18,7 @@ from qera.cli.common import (
     quant_config,
     statistics_for,
 )
+from qera.core.config import REFINE_LOSSES
 
 def add_parsers(sub) -> None:
     """Register ``quantize``, ``calibrate``, ``export`` and ``info``."""
@@ -61,7 +62,7 @@ def add_parsers(sub) -> None:
                    help="what is trained, a comma list of: lowrank (A, B), scales (the float group scales of W̃, "
                         "codes fixed; int/nf formats), rounding (AutoRound-style offsets: each code of W̃ may move "
                         "one level; int/mxint formats). Default auto: lowrank,rounding where the format allows, else lowrank")
-    g.add_argument("--refine-loss", choices=["energy", "token"], default="energy",
+    g.add_argument("--refine-loss", choices=REFINE_LOSSES, default="energy",
                    help="how the block's output error is summed over tokens: energy (each token's error by its size; "
                         "default) or token (each token's error relative to its own norm, as the next block's "
                         "RMSNorm sees it; an attention sink's huge row does not dominate)")
