@@ -12,7 +12,8 @@ A row is ``FORMAT@RANK[:key=value,...]`` with keys ``refine`` (steps), ``lr``, `
 (``+``-joined parts: ``lowrank``, ``scales``, ``rounding``), ``method``, ``rounding``, ``batch``
 (windows per calibration batch = per refinement step), ``budget`` (a rank budget: ranks allocated
 per block, ``error`` normalization in the sequential pipeline), ``ow`` (``output_weight``, e.g. ``block``),
-``loss`` (``refine_loss``: ``energy`` or ``token``).
+``loss`` (``refine_loss``: ``energy``, ``token`` or ``channel``; ``energy`` when not given, the loss the
+older rows were measured with, although the library's default is now ``channel``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Who holds the residual stream's energy? Per decoder block, the share of ``Σ_t ‖y_t‖²`` (the
 refinement loss's denominator and, in its numerator, the weight each token's error gets) held by
-the first position of each window and by the largest token.
+the first position of each window, by the largest token, and (over the other positions) by the
+largest hidden channel, with the gain the next block's input norm gives that channel against the
+median channel's gain (the norm applied to a vector of ones).
 
     python experiments/residual_energy.py --model gemma3-270m --windows 4
 
@@ -38,17 +40,27 @@ def main() -> None:
         hs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
                    use_cache=False).hidden_states
     rows = []
+    blocks = model.get_decoder().layers
     for i, h in enumerate(hs[1:]):  # each block's output
         e = h.double().pow(2).sum(-1)  # (windows, L): ‖y_t‖²
         total = float(e.sum())
-        rows.append({"block": i, "first_position_share": float(e[:, 0].sum()) / total,
-                     "largest_token_share": float(e.max()) / total,
-                     "first_over_median": float(e[:, 0].mean() / e[:, 1:].median())})
+        ch = h[:, 1:].double().pow(2).sum((0, 1))  # (hidden,): each channel's energy after the first position
+        row = {"block": i, "first_position_share": float(e[:, 0].sum()) / total,
+               "largest_token_share": float(e.max()) / total,
+               "first_over_median": float(e[:, 0].mean() / e[:, 1:].median()),
+               "largest_channel": int(ch.argmax()), "largest_channel_share": float(ch.max() / ch.sum())}
+        if i + 1 < len(blocks) and hasattr(blocks[i + 1], "input_layernorm"):
+            with torch.no_grad():
+                gain = blocks[i + 1].input_layernorm(torch.ones(1, h.shape[-1], dtype=h.dtype))[0].double().abs()
+            row["next_norm_gain_ratio"] = float(gain[int(ch.argmax())] / gain.median())
+        rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
     first = [r["first_position_share"] for r in rows]
+    chan = [r["largest_channel_share"] for r in rows[:-1]]  # the last output is after the final norm
     summary = {"model": args.model, "windows": args.windows, "tokens_per_window": int(batch["input_ids"].shape[1]),
                "bos_first": bool(batch["input_ids"][0, 0] == getattr(tok, "bos_token_id", -1)),
                "first_position_share_mean": sum(first) / len(first), "first_position_share_max": max(first),
+               "largest_channel_share_mean": sum(chan) / len(chan), "largest_channel_share_min": min(chan),
                "uniform_share": 1 / batch["input_ids"].shape[1]}
     print(json.dumps(summary), flush=True)
     if args.out:

@@ -297,13 +297,8 @@ def test_cli_output_weight(tmp_path, capsys, model_dir, text_file):
     assert info["output_weight"] == "fisher" and info["rank_budget"] == 4.0 and info["rank"] is None
 
 
-def test_block_output_fisher_is_the_block_gauss_newton_diagonal(batches):
-    """``output_weight="block"``'s metric: per layer, the token-weighted mean of ``(Jᵀv)_j²`` with one
-    standard-normal probe ``v`` per batch on the block's output, against torch.autograd.grad; where
-    the layer's output is the block's last addition to the residual stream (down_proj: ``J = I``) it
-    is 1 up to the probe's noise; where attention or the MLP lie between (q_proj, o_proj) it is not flat."""
-    from qera.calibrate.sensitivity import block_output_fisher
-
+def _block_calls(batches):
+    """Block 0 of a tiny Llama with its cached inputs, masks and per-batch calls."""
     model = tiny_llama()
     block = model.model.layers[0]
     mods = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -331,6 +326,17 @@ def test_block_output_fisher_is_the_block_gauss_newton_diagonal(batches):
         for k in ("hidden_states", "past_key_values", "use_cache"):
             kw.pop(k, None)
         calls.append(call_with(kw))
+    return model, block, mods, xs, masks, calls
+
+
+def test_block_output_fisher_is_the_block_gauss_newton_diagonal(batches):
+    """``output_weight="block"``'s metric: per layer, the token-weighted mean of ``(Jᵀv)_j²`` with one
+    standard-normal probe ``v`` per batch on the block's output, against torch.autograd.grad; where
+    the layer's output is the block's last addition to the residual stream (down_proj: ``J = I``) it
+    is 1 up to the probe's noise; where attention or the MLP lie between (q_proj, o_proj) it is not flat."""
+    from qera.calibrate.sensitivity import block_output_fisher
+
+    model, block, mods, xs, masks, calls = _block_calls(batches)
     flags = {p: p.requires_grad for p in block.parameters()}
     got = block_output_fisher(block, calls, xs.__getitem__, mods, masks, seed=3)
     assert {p: p.requires_grad for p in block.parameters()} == flags and all(p.grad is None for p in model.parameters())
@@ -369,6 +375,36 @@ def test_block_output_fisher_is_the_block_gauss_newton_diagonal(batches):
     assert float((got["mlp.down_proj"] - 1).abs().max()) < 0.35  # J = I: E[v_j²] = 1
     for n in ("self_attn.q_proj", "self_attn.o_proj"):  # the MLP (and attention) lie between: not flat
         assert float(got[n].std() / got[n].mean()) > 1.5 * float(got["mlp.down_proj"].std()), n
+
+
+def test_block_output_fisher_with_channel_weights(batches):
+    """With channel weights ``w`` (the refinement's ``channel`` loss), the probe is ``√w ⊙ v``: the
+    weights are computed from the block outputs' per-channel energy, and at down_proj (``J = I``)
+    the metric is ``w`` up to the probe's noise."""
+    from qera.calibrate.sensitivity import block_output_fisher
+    from qera.quantize.refine import clipped_channel_weights
+
+    model, block, mods, xs, masks, calls = _block_calls(batches)
+    seen = []
+    w = torch.linspace(0.05, 1.0, block.mlp.down_proj.out_features)
+
+    def weights(energy):
+        seen.append(energy)
+        return w
+
+    got = block_output_fisher(block, calls, xs.__getitem__, mods, masks, seed=3, channel_weights=weights)
+    with torch.no_grad():
+        want = sum((call(block, xs[b]).double().pow(2) * masks[b].double()[..., None]).sum((0, 1))
+                   for b, call in enumerate(calls))
+    assert len(seen) == 1 and seen[0].dtype == torch.float64 and torch.allclose(seen[0], want)
+    assert float((got["mlp.down_proj"] / w.double() - 1).abs().max()) < 0.35
+    plain = block_output_fisher(block, calls, xs.__getitem__, mods, masks, seed=3)
+    ones = block_output_fisher(block, calls, xs.__getitem__, mods, masks, seed=3,
+                               channel_weights=lambda e: torch.ones_like(e, dtype=torch.float32))
+    assert all(torch.allclose(ones[n], plain[n], rtol=1e-6) for n in mods)  # weights of 1: the plain metric
+    capped = block_output_fisher(block, calls, xs.__getitem__, mods, masks, seed=3,
+                                 channel_weights=clipped_channel_weights)
+    assert all(torch.isfinite(capped[n]).all() and (capped[n] > 0).any() for n in mods)
 
 
 def test_block_output_weight_in_the_sequential_pipeline(batches):

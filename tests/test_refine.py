@@ -89,6 +89,42 @@ def test_token_loss_counts_each_tokens_relative_error_alike():
     assert set(LOSSES) == set(REFINE_LOSSES)  # the config accepts exactly the losses the refinement has
 
 
+def test_channel_loss_caps_a_massive_channel():
+    """A channel 100x larger than the others (a massive activation) owns the energy loss; the channel
+    loss weighs it as the median channel, so an error in the small channels shows."""
+    from qera.quantize.refine import BlockData, _loss_terms, channel_energy, clipped_channel_weights
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 16, 8, generator=g)
+    target[..., 0] *= 100.0  # channel 0 holds ~99.9% of the energy
+    out = target.clone()
+    out[..., 1:] *= 0.5  # exact on the massive channel, half off on every other
+    energy = channel_energy(BlockData([None], lambda b: None, lambda b: target, [None]), [0])
+    assert torch.allclose(energy, target.double().pow(2).sum((0, 1)))
+    w = clipped_channel_weights(energy)
+    typical = energy.median()
+    assert float(w[0]) == pytest.approx(float(typical / energy[0]), rel=1e-6)  # capped to the median channel
+    assert torch.equal(w[1:], torch.clamp(typical / energy[1:], max=1).float())  # the others: at most 1
+    assert int((w[1:] == 1).sum()) >= 3  # the lower half keeps weight 1
+    e_num, e_den = _loss_terms(out, target, None, "energy")
+    c_num, c_den = _loss_terms(out, target, None, "channel", w)
+    assert float(e_num / e_den) < 0.001  # the massive channel hides the error
+    assert float(c_num / c_den) > 0.1  # the capped loss sees it
+    # masked rows count neither in the energy nor in the loss
+    mask = torch.zeros(2, 16)
+    mask[0] = 1
+    masked = channel_energy(BlockData([None], lambda b: None, lambda b: target, [mask]), [0])
+    assert torch.allclose(masked, target[0].double().pow(2).sum(0))
+    assert torch.equal(clipped_channel_weights(torch.zeros(4, dtype=torch.float64)), torch.ones(4))
+
+
+def test_channel_loss_refinement_lowers_its_heldout_error_and_the_logit_error(cal):
+    cfg = dataclasses.replace(CFG, refine_loss="channel", refine_train="lowrank,rounding")
+    rep, closed_err, refined_err = _refined_against_closed(cal, cfg)
+    assert all(r["kept"] and r["loss_after"] < r["loss_before"] for r in rep.refinement)
+    assert refined_err < 0.8 * closed_err
+
+
 def test_token_loss_refinement_lowers_its_heldout_error_and_the_logit_error(cal):
     cfg = dataclasses.replace(CFG, refine_loss="token", refine_train="lowrank,rounding")
     rep, closed_err, refined_err = _refined_against_closed(cal, cfg)

@@ -196,11 +196,28 @@ class _GradSums:
         return out
 
 
+def _output_energy(block: nn.Module, calls, inputs, masks) -> torch.Tensor:
+    """The block outputs' energy per channel ``Σ_t m_t z_tj²`` ``(hidden,)`` float64 over all batches."""
+    total = None
+    with torch.no_grad():
+        for b, call in enumerate(calls):
+            z = call(block, inputs(b)).double()
+            mask = masks[b] if masks is not None else None
+            sq = z.pow(2)
+            if mask is not None and mask.numel() == z.shape[:-1].numel():
+                sq = sq * mask.reshape(*z.shape[:-1], 1).to(sq.device, sq.dtype)
+            part = sq.reshape(-1, z.shape[-1]).sum(0).cpu()
+            total = part if total is None else total + part
+    if total is None:
+        raise QeraError("no batches to measure the block output's channel energy on")
+    return total
+
+
 def block_output_fisher(
     block: nn.Module, calls: Sequence[Callable[[nn.Module, torch.Tensor], torch.Tensor]],
     inputs: Callable[[int], torch.Tensor],
     targets: Mapping[str, nn.Module], masks: Sequence[torch.Tensor | None] | None = None, seed: int = 0,
-    token_weight: str = "input",
+    token_weight: str = "input", channel_weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{layer: f}``, ``f`` (out,) float64: the diagonal of the block output's Gauss-Newton matrix
     at each layer's output, ``f_j = E‖∂z/∂y_j‖²`` (``z`` the block's output, ``y`` the layer's), the
@@ -211,6 +228,10 @@ def block_output_fisher(
     (the layers in ``targets``, modules of ``block``, still full-precision). One Hutchinson probe per batch: with ``v`` standard
     normal on the output (0 on the padding rows of ``masks[b]``), the gradient of ``Σ v·z`` at ``y``
     is ``Jᵀv``, and ``E[(Jᵀv)_j²] = (JᵀJ)_jj``. Tokens are weighted as in :func:`output_fisher`.
+    ``channel_weights``: maps the block outputs' energy per channel ``Σ_t z_tj²`` ``(hidden,)``
+    float64 to weights ``w`` ``(hidden,)`` of the output error ``Σ_j w_j Δz_j²`` (the refinement's
+    block loss, :data:`qera.quantize.refine.LOSSES`); the probe is then ``√w ⊙ v`` (one more
+    forward pass per batch measures the energy). None: every channel weighs 1.
     Gradients flow only to the activations (the input is made a leaf; the block's parameters are
     frozen for the pass and put back); hooks are removed in ``finally``.
     """
@@ -221,6 +242,9 @@ def block_output_fisher(
     try:
         for p in params:
             p.requires_grad_(False)
+        scale = None
+        if channel_weights is not None:
+            scale = channel_weights(_output_energy(block, calls, inputs, masks)).sqrt()
         handles = [mod.register_forward_hook(grads.hook(name)) for name, mod in targets.items()]
         for b, call in enumerate(calls):
             mask = masks[b] if masks is not None else None
@@ -230,6 +254,8 @@ def block_output_fisher(
                 v = torch.randn(z.shape, generator=gen, dtype=torch.float32).to(z.device, z.dtype)
                 if mask is not None and mask.numel() == z.shape[:-1].numel():
                     v = v * mask.reshape(*z.shape[:-1], 1).to(v.device, v.dtype)
+                if scale is not None:
+                    v = v * scale.to(v.device, v.dtype)
                 (z * v).sum().backward()
     finally:
         for h in handles:

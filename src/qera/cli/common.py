@@ -217,7 +217,7 @@ def quant_config(args, fmt: str, method: str, rank: int):
                               report_spectrum=report_spectrum(args),
                               refine_steps=getattr(args, "refine", 0), refine_lr=getattr(args, "refine_lr", 1e-3),
                               refine_train=getattr(args, "refine_train", "auto"),
-                              refine_loss=getattr(args, "refine_loss", "energy"),
+                              refine_loss=getattr(args, "refine_loss", "channel"),
                               method_options=key_values(args.method_opt, "--method-opt"),
                               rank_overrides={k: int(v) for k, v in key_values(args.rank_override, "--rank-override").items()})
     if args.include:

@@ -62,10 +62,11 @@ def add_parsers(sub) -> None:
                    help="what is trained, a comma list of: lowrank (A, B), scales (the float group scales of W̃, "
                         "codes fixed; int/nf formats), rounding (AutoRound-style offsets: each code of W̃ may move "
                         "one level; int/mxint formats). Default auto: lowrank,rounding where the format allows, else lowrank")
-    g.add_argument("--refine-loss", choices=REFINE_LOSSES, default="energy",
-                   help="how the block's output error is summed over tokens: energy (each token's error by its size; "
-                        "default) or token (each token's error relative to its own norm, as the next block's "
-                        "RMSNorm sees it; an attention sink's huge row does not dominate)")
+    g.add_argument("--refine-loss", choices=REFINE_LOSSES, default="channel",
+                   help="how the block's output error is summed, in refinement and in --output-weight block: "
+                        "channel (default: each hidden channel's weight capped at the median channel's, so a "
+                        "massive-activation channel does not own the loss), energy (each token and channel by "
+                        "its size) or token (each token's error relative to its own norm)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("calibrate", help="collect calibration statistics once, for reuse with --stats")

@@ -20,7 +20,7 @@ PIPELINES = ("oneshot", "sequential", "auto")
 PROPAGATE = ("fp", "quantized")
 OUTPUT_WEIGHTS = ("none", "fisher", "kfac", "block")
 REFINE_PARTS = ("lowrank", "scales", "rounding")
-REFINE_LOSSES = ("energy", "token")  # qera.quantize.refine.LOSSES
+REFINE_LOSSES = ("energy", "token", "channel")  # qera.quantize.refine.LOSSES
 
 
 def _format_field(name: str, spec: Any) -> str:
@@ -102,11 +102,12 @@ class QuantConfig:
         ``scales`` (the float group parameters of ``W̃``) and ``rounding`` (AutoRound-style offsets
         that move each integer code of ``W̃`` by at most one level); ``auto`` (default):
         ``lowrank,rounding`` where the format allows, else ``lowrank``.
-    refine_loss: how the block's output error is summed over tokens: ``energy`` (default,
-        ``Σ_t ‖e_t‖² / Σ_t ‖y_t‖²``: each token's error counts by its size) or ``token``
-        (``mean_t ‖e_t‖² / ‖y_t‖²``: each token's relative error counts the same, as the next
-        block's RMSNorm sees it; tokens with huge residual norms, such as an attention sink, do not
-        dominate).
+    refine_loss: how the block's output error is summed (the refinement's objective, and with
+        ``output_weight="block"`` the weighting of the block-level Gauss-Newton probe):
+        ``channel`` (default: the energy loss with each hidden channel weighted by
+        ``min(1, median channel energy / its energy)``, so a massive-activation channel counts as a
+        typical one), ``energy`` (``Σ_t ‖e_t‖² / Σ_t ‖y_t‖²``: each token and channel by its size)
+        or ``token`` (``mean_t ‖e_t‖² / ‖y_t‖²``: each token's relative error counts the same).
     """
 
     format: str = "mxint4"
@@ -133,7 +134,7 @@ class QuantConfig:
     refine_steps: int = 0
     refine_lr: float = 1e-3
     refine_train: str = "auto"
-    refine_loss: str = "energy"
+    refine_loss: str = "channel"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:

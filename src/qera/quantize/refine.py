@@ -8,7 +8,10 @@ Adam steps to lower the block's output error
 over the cached calibration inputs ``x`` (the quantized model's own inputs with
 ``propagate="quantized"``) and the full-precision block's outputs ``y_fp`` (on the full-precision
 model's inputs). With ``refine_loss="token"`` the loss is instead the mean over tokens of
-``‖block_q(x_t) − y_fp,t‖² / ‖y_fp,t‖²`` (:data:`LOSSES`). One cached calibration batch per step.
+``‖block_q(x_t) − y_fp,t‖² / ‖y_fp,t‖²``; with ``refine_loss="channel"`` each hidden channel's
+squared error is weighted by ``min(1, ẽ / e_j)`` (``e_j`` the channel's energy in the targets, ``ẽ``
+the median over channels), so that a massive-activation channel, which the next RMSNorm mostly
+divides away, cannot own the loss (:data:`LOSSES`). One cached calibration batch per step.
 What is trained (``refine_train``):
 
 - ``lowrank``: ``A`` and ``B`` (float32 masters, stored back in the checkpoint's low-rank dtype);
@@ -55,7 +58,7 @@ class RefineSettings:
     lr: float = 1e-3
     train: tuple[str, ...] = ("lowrank",)
     seed: int = 0
-    loss: str = "energy"
+    loss: str = "channel"
 
     @classmethod
     def from_config(cls, config) -> "RefineSettings":
@@ -190,26 +193,71 @@ def _token_terms(diff: torch.Tensor, ref: torch.Tensor, m: torch.Tensor) -> tupl
     return (m * diff / ref.clamp_min(torch.finfo(ref.dtype).tiny)).sum(), m.sum()
 
 
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
-    "energy": _energy_terms, "token": _token_terms}
+def clipped_channel_weights(energy: torch.Tensor) -> torch.Tensor:
+    """Channel weights ``w_j = min(1, ẽ / e_j)`` ``(hidden,)`` from the targets' energy per channel
+    ``e_j = Σ_t y_tj²`` ``(hidden,)``, ``ẽ`` its median: a channel holding more energy than the median
+    channel (a massive-activation channel above all) counts as if it held the median; the rest count
+    as they are. The median, not the mean: one massive channel moves the mean with it. Float64 in,
+    float32 out."""
+    typical = energy.median()
+    if not bool(typical > 0):
+        return torch.ones_like(energy, dtype=torch.float32)
+    return (typical / energy.clamp_min(torch.finfo(energy.dtype).tiny)).clamp_max(1.0).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class BlockLoss:
+    """A block loss: ``terms`` sums per-token squared errors and energies (each summed over channels,
+    weighted by ``channel_weights`` of the targets' per-channel energy when given) into
+    ``(numerator, denominator)``."""
+
+    terms: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    channel_weights: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+LOSSES: dict[str, BlockLoss] = {
+    "energy": BlockLoss(_energy_terms),
+    "token": BlockLoss(_token_terms),
+    "channel": BlockLoss(_energy_terms, clipped_channel_weights),
+}
 
 
 def _loss_terms(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
-                loss: str = "energy") -> tuple[torch.Tensor, torch.Tensor]:
+                loss: str = "energy", weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(numerator, denominator)`` of the block loss ``loss`` (:data:`LOSSES`) over the rows of
-    ``mask`` (float32); per token ``‖e_t‖² = ‖out_t − target_t‖²`` and ``‖y_t‖² = ‖target_t‖²``."""
-    diff = (out.float() - target.float()).pow(2).sum(-1)
-    ref = target.float().pow(2).sum(-1)
+    ``mask`` (float32); per token ``‖e_t‖² = Σ_j w_j (out_tj − target_tj)²`` and
+    ``‖y_t‖² = Σ_j w_j target_tj²`` with channel weights ``weight`` ``(hidden,)`` (None: all 1)."""
+    err = (out.float() - target.float()).pow(2)
+    sq = target.float().pow(2)
+    if weight is not None:
+        err, sq = err * weight, sq * weight
+    diff, ref = err.sum(-1), sq.sum(-1)
     m = torch.ones_like(diff) if mask is None else mask.reshape(diff.shape).to(diff.dtype)
-    return LOSSES[loss](diff, ref, m)
+    return LOSSES[loss].terms(diff, ref, m)
 
 
-def block_loss(block: nn.Module, data: BlockData, batches: Sequence[int], loss: str = "energy") -> float:
-    """The block loss ``loss`` of ``block`` over ``batches`` (no gradients)."""
+def channel_energy(data: "BlockData", batches: Sequence[int]) -> torch.Tensor:
+    """The targets' energy per channel ``Σ_t m_t y_tj²`` ``(hidden,)`` over ``batches``, float64."""
+    total = None
+    with torch.no_grad():
+        for b in batches:
+            y = data.targets(b).double()
+            m = data.masks[b]
+            sq = y.pow(2) if m is None else y.pow(2) * m.reshape(y.shape[:-1]).to(y.dtype).unsqueeze(-1)
+            part = sq.reshape(-1, y.shape[-1]).sum(0)
+            total = part if total is None else total + part
+    if total is None:
+        raise QeraError("no batches to measure the channel energy on")
+    return total
+
+
+def block_loss(block: nn.Module, data: BlockData, batches: Sequence[int], loss: str = "energy",
+               weight: torch.Tensor | None = None) -> float:
+    """The block loss ``loss`` of ``block`` over ``batches`` (no gradients), channel weights ``weight``."""
     num = den = 0.0
     with torch.no_grad():
         for b in batches:
-            d, r = _loss_terms(data.calls[b](block, data.inputs(b)), data.targets(b), data.masks[b], loss)
+            d, r = _loss_terms(data.calls[b](block, data.inputs(b)), data.targets(b), data.masks[b], loss, weight)
             num += float(d)
             den += float(r)
     return num / den if den > 0 else 0.0
@@ -250,7 +298,9 @@ def refine_block(block: nn.Module, layers: dict[str, QERALinear], data: BlockDat
     if not layers:
         raise QeraError(f"block {index}: nothing to refine")
     train_b, held_b = split_batches(len(data))
-    before = block_loss(block, data, held_b, settings.loss)
+    spec = LOSSES[settings.loss]
+    weight = None if spec.channel_weights is None else spec.channel_weights(channel_energy(data, train_b))
+    before = block_loss(block, data, held_b, settings.loss, weight)
     weights = weights or {}
     trainables = {name: TrainableLinear(layer, settings.train, weights.get(name)) for name, layer in layers.items()}
     frozen = [(p, p.requires_grad) for p in block.parameters()]
@@ -274,7 +324,7 @@ def refine_block(block: nn.Module, layers: dict[str, QERALinear], data: BlockDat
                 for group in opt.param_groups if opt is not None else ():
                     group["lr"] = settings.lr * decay
                 d, r = _loss_terms(data.calls[b](block, data.inputs(b)), data.targets(b), data.masks[b],
-                                   settings.loss)
+                                   settings.loss, weight)
                 loss = d / r.clamp_min(torch.finfo(torch.float32).tiny)
                 last = float(loss.detach())
                 first = last if step == 0 else first
@@ -298,7 +348,7 @@ def refine_block(block: nn.Module, layers: dict[str, QERALinear], data: BlockDat
     after = float("nan")
     if refined is not None:
         _swap(block, refined)
-        after = block_loss(block, data, held_b, settings.loss)
+        after = block_loss(block, data, held_b, settings.loss, weight)
     kept = after < before  # False for NaN
     if not kept and refined is not None:
         _swap(block, layers)

@@ -29,7 +29,7 @@ from qera.calibrate.sensitivity import block_output_fisher
 from qera.quantize.blocks import BlockVisit, BlockWalk, RefineSize, propagate_block, record_block, walk_blocks
 from qera.quantize.drivers import DRIVERS
 from qera.quantize.drivers.base import DriverContext, check_given_stats, output_metrics
-from qera.quantize.refine import BlockData, RefineSettings, refine_block
+from qera.quantize.refine import LOSSES, BlockData, RefineSettings, refine_block
 from qera.nn.targets import linear_weight
 from qera.quantize.walk import solve_layers
 from qera.util.errors import QeraError
@@ -106,7 +106,8 @@ def run_sequential(ctx: DriverContext) -> None:
             if per_block:  # the block output's Gauss-Newton diagonal at each layer, before any layer is replaced
                 with timer("sensitivity"):
                     metrics = block_output_fisher(block, calls, cache.get, mods, walk.captured.masks,
-                                                  seed=q.config.seed * 1_000_003 + i)
+                                                  seed=q.config.seed * 1_000_003 + i,
+                                                  channel_weights=LOSSES[q.config.refine_loss].channel_weights)
             if fp_stream is not None:
                 with timer("targets"):  # the fp block's outputs on the fp model's inputs
                     with torch.no_grad():
