@@ -405,3 +405,16 @@ def test_llama_cpp_runs_the_export_with_and_without_the_adapter(tmp_path, source
         assert "4" in running, res.stdout[-2000:]
         ppl[bool(extra)] = float(running["4"])
     assert all(np.isfinite(v) and v > 1 for v in ppl.values()) and ppl[True] != ppl[False]
+    # llama.cpp's logits of the export with its adapter against qera's model of the same checkpoint
+    from qera import load_quantized
+    from qera.evaluate.llama_cpp import agreement, gguf_window_bos, read_logits_file
+
+    logits = tmp_path / "logits.bin"
+    res = subprocess.run([tool, "-m", str(out / "model.gguf"), "--lora", str(out / "adapter.gguf"), "-f", str(text),
+                          "-c", "128", "-b", "128", "--chunks", "4", "-t", "2", "--kl-divergence-base", str(logits)],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    model, _ = load_quantized(ck)
+    agree = agreement(model.float(), read_logits_file(logits), gguf_window_bos(out / "model.gguf"), progress=False)
+    assert agree["windows"] == 4 and agree["top1_agreement"] > 0.95
+    assert abs(agree["ppl_rel_diff"]) < 0.01
