@@ -110,3 +110,24 @@ def test_window_bos_follows_the_gguf_tokenizer_flag(tmp_path):
         w.write_kv_data_to_file()
         w.close()
         assert gguf_window_bos(path) == want
+
+
+def test_cli_eval_reports_the_agreement(tmp_path, model, capsys):
+    """``qera eval MODEL --llama-cpp-logits FILE --json``: the model scored on llama.cpp's windows."""
+    import json
+
+    from qera.cli.main import main
+    from tiny import byte_tokenizer
+
+    tok = byte_tokenizer(add_bos=True)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    tokens, rows = _windows(model)
+    write_logits_file(tmp_path / "l.bin", tokens, rows, 259)
+    assert main(["eval", str(tmp_path / "m"), "--llama-cpp-logits", str(tmp_path / "l.bin"), "--json",
+                 "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["top1_agreement"] == 1.0 and abs(res["ppl_rel_diff"]) < 1e-4 and res["windows"] == 3
+    assert main(["eval", str(tmp_path / "m"), "--llama-cpp-logits", str(tmp_path / "l.bin"), "--max-windows", "1",
+                 "--json", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["windows"] == 1

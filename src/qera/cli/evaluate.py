@@ -44,6 +44,13 @@ def add_parsers(sub) -> None:
     g.add_argument("--num-fewshot", type=int, default=None)
     g.add_argument("--doc-chars", type=int, default=4000,
                    help="qera_text: cut the text at paragraph breaks into documents of at least this many characters")
+    g = p.add_argument_group("agreement with llama.cpp")
+    g.add_argument("--llama-cpp-logits", metavar="FILE",
+                   help="a 'llama-perplexity --kl-divergence-base FILE' output: score the model on llama.cpp's windows "
+                        "and report both perplexities, top-1 agreement and KL instead of the usual perplexity")
+    g.add_argument("--llama-cpp-gguf", metavar="GGUF",
+                   help="the GGUF llama.cpp ran: its add_bos_token flag says whether each window starts with BOS "
+                        "(default: whether the tokenizer has a BOS token)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="calibrate once; perplexity of full precision and each method")
@@ -59,6 +66,8 @@ def cmd_eval(args) -> int:
         model.to(args.device)
     if args.fused_int4:
         _use_fused_int4(model)
+    if args.llama_cpp_logits:
+        return _llama_cpp_agreement(args, model, tok)
     harness = _harness(args, model, tok) if args.tasks else None
     r = eval_perplexity(args, model, tok)
     line = f"perplexity {r.perplexity:.4f} over {r.windows} windows x {r.seq_len} tokens ({r.tokens_per_second:.0f} tok/s)"
@@ -67,6 +76,23 @@ def cmd_eval(args) -> int:
         payload["lm_eval"] = harness
         line = harness["table"] + "\n" + harness["check_line"] + f"qera {line}"
     emit(args, payload, line)
+    return 0
+
+
+def _llama_cpp_agreement(args, model, tok) -> int:
+    """``--llama-cpp-logits``: the model (in float32, as llama.cpp computes activations) on llama.cpp's windows."""
+    from qera.evaluate.llama_cpp import agreement, gguf_window_bos, read_logits_file
+    from qera.io.data import bos_id
+
+    if args.tasks:
+        raise QeraError("--llama-cpp-logits replaces the perplexity run; pass --tasks separately")
+    bos = gguf_window_bos(args.llama_cpp_gguf) if args.llama_cpp_gguf else bos_id(tok)
+    res = agreement(model.float(), read_logits_file(args.llama_cpp_logits), bos, max_windows=args.max_windows,
+                    progress=not args.no_progress)
+    line = (f"llama.cpp {res['llama_cpp_ppl']:.4f}, qera {res['qera_ppl']:.4f} ({100 * res['ppl_rel_diff']:+.2f}%) "
+            f"over {res['windows']} windows ({res['scored_tokens']} tokens); top-1 agreement "
+            f"{100 * res['top1_agreement']:.2f}%, KL {res['kl_llama_cpp_to_qera']:.5f}")
+    emit(args, {"model": args.model, "llama_cpp_logits": args.llama_cpp_logits, **res}, line)
     return 0
 
 
