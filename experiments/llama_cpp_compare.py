@@ -22,8 +22,8 @@ Rows (``;``-separated):
 Perplexity: ``llama-perplexity -c 512 -b 512`` on the first ``--eval-bytes`` bytes of WikiText-2 raw
 test, ``--chunks`` windows (llama.cpp scores the second half of each window), read from the running
 perplexity it prints after the last window. With ``--speed``, llama.cpp's own timings of
-``llama-completion`` (a prompt of about 400 tokens, then 128 generated) give prompt and generation
-tokens per second, with and without the adapter.
+``llama-completion`` (a prompt of about 540 tokens, then 128 generated; the median of ``--speed-runs``
+runs) give prompt and generation tokens per second, with and without the adapter.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -64,8 +65,9 @@ def run(cmd: list[str], log: Path, env: dict | None = None) -> tuple[str, float]
 
 
 class LlamaCpp:
-    def __init__(self, bindir: Path, threads: int, chunks: int, text: Path, work: Path) -> None:
+    def __init__(self, bindir: Path, threads: int, chunks: int, text: Path, work: Path, repeats: int = 5) -> None:
         self.bin, self.t, self.chunks, self.text, self.work = bindir, threads, chunks, text, work
+        self.repeats = repeats
 
     def tool(self, name: str) -> str:
         path = shutil.which(name, path=str(self.bin))
@@ -88,8 +90,8 @@ class LlamaCpp:
         return {"llama_cpp_ppl": float(running[str(self.chunks)]), "ppl_wall_s": wall}
 
     def speed(self, model: Path, lora: Path | None, tag: str) -> dict:
-        """llama.cpp's own timings: prompt processing of ``prompt`` (about 400 tokens) and generation of
-        128 tokens after it (greedy), tokens per second."""
+        """llama.cpp's own timings: prompt processing of ``prompt`` (about 540 tokens) and generation of
+        128 tokens after it (greedy), tokens per second, the median of ``repeats`` runs."""
         prompt = self.work / "prompt.txt"
         if not prompt.exists():
             prompt.write_bytes(self.text.read_bytes()[:2000])
@@ -97,10 +99,13 @@ class LlamaCpp:
                "-t", str(self.t), "--temp", "0", "-no-cnv", "--ignore-eos"]
         if lora is not None:
             cmd += ["--lora", lora]
-        out, _ = run(cmd, self.work / f"speed-{tag}.log")
-        pp = re.findall(r"prompt eval time =.*?([0-9.]+) tokens per second", out)
-        tg = re.findall(r"\beval time =.*?([0-9.]+) tokens per second", out)
-        return {"prompt_tokens_per_s": float(pp[-1]) if pp else None, "gen_tokens_per_s": float(tg[-1]) if tg else None}
+        pp, tg = [], []
+        for _ in range(self.repeats):
+            out, _ = run(cmd, self.work / f"speed-{tag}.log")
+            pp += [float(v) for v in re.findall(r"prompt eval time =.*?([0-9.]+) tokens per second", out)[-1:]]
+            tg += [float(v) for v in re.findall(r"\beval time =.*?([0-9.]+) tokens per second", out)[-1:]]
+        return {"prompt_tokens_per_s": statistics.median(pp) if pp else None,
+                "gen_tokens_per_s": statistics.median(tg) if tg else None, "speed_runs": self.repeats}
 
 
 def main() -> None:
@@ -113,6 +118,8 @@ def main() -> None:
     ap.add_argument("--eval-bytes", type=int, default=300_000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--speed", action="store_true", help="also time prompt processing and generation (llama-completion)")
+    ap.add_argument("--respeed", action="store_true", help="rows already in --out: time them again (nothing else)")
+    ap.add_argument("--speed-runs", type=int, default=5, help="runs per timing; the median is reported")
     ap.add_argument("--work", default="runs/lcpp")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -121,7 +128,7 @@ def main() -> None:
     text = work / "wiki.test.prefix.raw"
     text.write_bytes((DATA / "wikitext-2-raw" / "wiki.test.raw").read_bytes()[: args.eval_bytes])
     valid = DATA / "wikitext-2" / "wiki.valid.tokens"
-    lc = LlamaCpp(Path(args.llama_cpp), args.threads, args.chunks, text, work)
+    lc = LlamaCpp(Path(args.llama_cpp), args.threads, args.chunks, text, work, args.speed_runs)
     source = Path(resolve_source(args.model))
     f32 = work / "f32.gguf"
     if not f32.exists():
@@ -140,10 +147,19 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     for spec in filter(None, args.rows.split(";")):
-        if spec in done:
-            continue
         parts = spec.split(":")
         tag = spec.replace(":", "-")
+        if spec in done:
+            if args.respeed and parts[0] != "agree":  # the timings again, alone on the cores
+                row = next(r for r in result["rows"] if r["row"] == spec)
+                if parts[0] == "lcpp":
+                    row.update(lc.speed(f32 if parts[1] == "F32" else work / f"{tag}.gguf", None, tag))
+                else:
+                    gg = work / f"gguf-{parts[1]}-{parts[2]}-{parts[3]}-q8_0"
+                    row.update({f"base_{k}": v for k, v in lc.speed(gg / "model.gguf", None, tag + "-base").items()})
+                    row.update(lc.speed(gg / "model.gguf", gg / "adapter.gguf", tag + "-lora"))
+                emit(row)
+            continue
         if parts[0] == "lcpp":
             qtype, imat = parts[1], "imat" in parts[2:]
             row = {"row": spec, "type": qtype, "imatrix": imat}
