@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qera.calibrate.forward import model_device
+from qera.core.metrics import channel_energy
 from qera.util.errors import QeraError
 from qera.util.memory import default_budget, format_size
 from qera.nn.targets import linear_shape
@@ -198,19 +199,11 @@ class _GradSums:
 
 def _output_energy(block: nn.Module, calls, inputs, masks) -> torch.Tensor:
     """The block outputs' energy per channel ``Σ_t m_t z_tj²`` ``(hidden,)`` float64 over all batches."""
-    total = None
-    with torch.no_grad():
-        for b, call in enumerate(calls):
-            z = call(block, inputs(b)).double()
-            mask = masks[b] if masks is not None else None
-            sq = z.pow(2)
-            if mask is not None and mask.numel() == z.shape[:-1].numel():
-                sq = sq * mask.reshape(*z.shape[:-1], 1).to(sq.device, sq.dtype)
-            part = sq.reshape(-1, z.shape[-1]).sum(0).cpu()
-            total = part if total is None else total + part
-    if total is None:
+    if not calls:
         raise QeraError("no batches to measure the block output's channel energy on")
-    return total
+    with torch.no_grad():
+        return sum(channel_energy(call(block, inputs(b)), masks[b] if masks is not None else None)
+                   for b, call in enumerate(calls))
 
 
 def block_output_fisher(

@@ -1,4 +1,4 @@
-"""Error metrics of a reconstruction ``W ≈ W̃ + B A``."""
+"""Error metrics of a reconstruction ``W ≈ W̃ + B A``, and the per-channel energy of activations."""
 
 from __future__ import annotations
 
@@ -38,3 +38,12 @@ def layer_output_error(W, W_q, A=None, B=None, stats: "ActivationStats | torch.T
     if R.shape != (E.shape[1], E.shape[1]):
         raise QeraError(f"autocorrelation has shape {tuple(R.shape)}, expected {(E.shape[1], E.shape[1])}")
     return float(((E @ R) * E).sum())
+
+
+def channel_energy(y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ_t m_t y_tj²`` ``(hidden,)`` float64 on the CPU, for activations ``y`` ``(..., tokens, hidden)``
+    and a 0/1 token mask ``(..., tokens)`` (None, or one whose size does not match the tokens: all count)."""
+    sq = y.detach().double().pow(2)
+    if mask is not None and mask.numel() == y.shape[:-1].numel():
+        sq = sq * mask.reshape(*y.shape[:-1], 1).to(sq.device, sq.dtype)
+    return sq.reshape(-1, y.shape[-1]).sum(0).cpu()

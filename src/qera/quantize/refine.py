@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qera.core import metrics
 from qera.core.formats import trainable
 from qera.core.formats.base import from_rows
 from qera.nn.modules import QERALinear
@@ -238,17 +239,10 @@ def _loss_terms(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
 
 def channel_energy(data: "BlockData", batches: Sequence[int]) -> torch.Tensor:
     """The targets' energy per channel ``Σ_t m_t y_tj²`` ``(hidden,)`` over ``batches``, float64."""
-    total = None
-    with torch.no_grad():
-        for b in batches:
-            y = data.targets(b).double()
-            m = data.masks[b]
-            sq = y.pow(2) if m is None else y.pow(2) * m.reshape(y.shape[:-1]).to(y.dtype).unsqueeze(-1)
-            part = sq.reshape(-1, y.shape[-1]).sum(0)
-            total = part if total is None else total + part
-    if total is None:
+    if not batches:
         raise QeraError("no batches to measure the channel energy on")
-    return total
+    with torch.no_grad():
+        return sum(metrics.channel_energy(data.targets(b), data.masks[b]) for b in batches)
 
 
 def block_loss(block: nn.Module, data: BlockData, batches: Sequence[int], loss: str = "energy",
