@@ -13,8 +13,8 @@ position when the vocabulary asks for one, and scores the second half of each wi
   ``min_log_prob + scale·q`` (``q`` uint16; 0 stands for "16 nats or more below the top").
 
 :func:`agreement` runs the model on the file's windows and compares: perplexity of both on the same
-scored tokens, top-1 agreement (same arg-max), and the mean KL(llama.cpp ‖ model) over the quantized
-log-probabilities.
+scored tokens, top-1 agreement (same arg-max), and the mean KL(llama.cpp ‖ model) over the tokens
+llama.cpp stores above its floor.
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def agreement(model, logits: LlamaCppLogits, bos: int | None, max_windows: int |
     """Score ``model`` (a transformers causal LM) on the windows of ``logits``, as llama.cpp did:
     each window's first token replaced by ``bos`` (None: kept), the next-token predictions of
     positions ``first .. n_ctx-2``. Returns both perplexities, their relative difference, the top-1
-    agreement and the mean KL(llama.cpp ‖ model) per scored token (llama.cpp's floored tail counts
-    at its floor), over ``max_windows`` windows (None: all)."""
+    agreement and the mean KL(llama.cpp ‖ model) per scored token over the tokens llama.cpp stores
+    above its floor (both distributions renormalized there), over ``max_windows`` windows (None: all)."""
     n = logits.n_chunk if max_windows is None else min(max_windows, logits.n_chunk)
     device = next(model.parameters()).device
     first = logits.first
@@ -134,9 +134,14 @@ def agreement(model, logits: LlamaCppLogits, bos: int | None, max_windows: int |
             nll_model -= float(mine.gather(1, target[:, None]).sum())
             nll_lcpp -= float(theirs.gather(1, target[:, None]).sum())
             same += int((mine.argmax(-1) == theirs.argmax(-1)).sum())
-            p = theirs.exp()
-            p = p / p.sum(-1, keepdim=True)
-            kl += float((p * (p.clamp_min(1e-30).log() - mine)).sum())
+            # KL over the tokens llama.cpp stores (above its floor, 16 nats below the top); the floored
+            # tail would otherwise count every one of a large vocabulary's tokens at the floor's probability
+            stored = theirs > theirs.min(-1, keepdim=True).values
+            logp = torch.where(stored, theirs, torch.full_like(theirs, -math.inf))
+            logp = logp - torch.logsumexp(logp, -1, keepdim=True)
+            logq = torch.where(stored, mine, torch.full_like(mine, -math.inf))
+            logq = logq - torch.logsumexp(logq, -1, keepdim=True)  # both conditioned on the stored tokens
+            kl += float(torch.where(stored, logp.exp() * (logp - logq), torch.zeros_like(mine)).sum())
             count += target.numel()
     finally:
         model.train(was_training)
