@@ -231,6 +231,7 @@ def _loss_terms(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
     err = (out.float() - target.float()).pow(2)
     sq = target.float().pow(2)
     if weight is not None:
+        weight = weight.to(err.device)  # measured on the CPU; the block may run on a GPU
         err, sq = err * weight, sq * weight
     diff, ref = err.sum(-1), sq.sum(-1)
     m = torch.ones_like(diff) if mask is None else mask.reshape(diff.shape).to(diff.dtype)
