@@ -131,3 +131,14 @@ def test_cli_eval_reports_the_agreement(tmp_path, model, capsys):
     assert main(["eval", str(tmp_path / "m"), "--llama-cpp-logits", str(tmp_path / "l.bin"), "--max-windows", "1",
                  "--json", "--no-progress"]) == 0
     assert json.loads(capsys.readouterr().out)["windows"] == 1
+
+
+def test_cli_refuses_a_bad_logits_file_before_loading_the_model(tmp_path, capsys):
+    """The logits file is checked first: a missing model is not even looked at."""
+    from qera.cli.main import main
+
+    (tmp_path / "x.bin").write_bytes(b"GGUF" + bytes(100))
+    for path, msg in ((tmp_path / "x.bin", "not a llama-perplexity logits file"),
+                      (tmp_path / "none.bin", "no such llama-perplexity logits file")):
+        assert main(["eval", str(tmp_path / "no-model"), "--llama-cpp-logits", str(path), "--no-progress"]) != 0
+        assert msg in capsys.readouterr().err

@@ -61,13 +61,14 @@ def add_parsers(sub) -> None:
 
 
 def cmd_eval(args) -> int:
+    llama_cpp = _open_llama_cpp_logits(args) if args.llama_cpp_logits else None  # refused before the model loads
     model, tok = load_for(args, {"logits of one chunk": logit_bytes(args)})
     if args.device:
         model.to(args.device)
     if args.fused_int4:
         _use_fused_int4(model)
-    if args.llama_cpp_logits:
-        return _llama_cpp_agreement(args, model, tok)
+    if llama_cpp is not None:
+        return _llama_cpp_agreement(args, model, tok, llama_cpp)
     harness = _harness(args, model, tok) if args.tasks else None
     r = eval_perplexity(args, model, tok)
     line = f"perplexity {r.perplexity:.4f} over {r.windows} windows x {r.seq_len} tokens ({r.tokens_per_second:.0f} tok/s)"
@@ -79,15 +80,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _llama_cpp_agreement(args, model, tok) -> int:
-    """``--llama-cpp-logits``: the model (in float32, as llama.cpp computes activations) on llama.cpp's windows."""
-    from qera.evaluate.llama_cpp import agreement, gguf_window_bos, read_logits_file
-    from qera.io.data import bos_id
+def _open_llama_cpp_logits(args):
+    """``--llama-cpp-logits``: the checks and the file's header, before any slow work."""
+    from qera.evaluate.llama_cpp import read_logits_file
 
     if args.tasks:
         raise QeraError("--llama-cpp-logits replaces the perplexity run; pass --tasks separately")
+    return read_logits_file(args.llama_cpp_logits)
+
+
+def _llama_cpp_agreement(args, model, tok, logits) -> int:
+    """``--llama-cpp-logits``: the model (in float32, as llama.cpp computes activations) on llama.cpp's windows."""
+    from qera.evaluate.llama_cpp import agreement, gguf_window_bos
+    from qera.io.data import bos_id
+
     bos = gguf_window_bos(args.llama_cpp_gguf) if args.llama_cpp_gguf else bos_id(tok)
-    res = agreement(model.float(), read_logits_file(args.llama_cpp_logits), bos, max_windows=args.max_windows,
+    res = agreement(model.float(), logits, bos, max_windows=args.max_windows,
                     progress=not args.no_progress)
     line = (f"llama.cpp {res['llama_cpp_ppl']:.4f}, qera {res['qera_ppl']:.4f} ({100 * res['ppl_rel_diff']:+.2f}%) "
             f"over {res['windows']} windows ({res['scored_tokens']} tokens); top-1 agreement "

@@ -69,6 +69,8 @@ def read_logits_file(path: str | Path) -> LlamaCppLogits:
     """Open a ``llama-perplexity --kl-divergence-base`` file (see the module docstring); checks its
     header and size and refuses anything else with the reason."""
     path = Path(path)
+    if not path.is_file():
+        raise QeraError(f"{path}: no such llama-perplexity logits file")
     size = path.stat().st_size
     with path.open("rb") as f:
         magic = f.read(8)
